@@ -1,0 +1,159 @@
+"""attach() and detach(): hook exits onto a backbone and take them off again, leaving no trace.
+
+``attach`` records every flag it changes (each parameter's ``requires_grad``, each module's training mode)
+and every hook handle; ``detach`` puts them all back, so the backbone's outputs after ``detach`` equal its
+outputs before ``attach``. The backbone's class, forward and weights are never edited.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import replace
+from typing import Any
+
+from torch import nn
+
+from .backbones.base import BackboneSpec, find_spec
+from .config import ExitConfig
+from .cost import measure_cost_table
+from .errors import BackboneError, EexitValueError
+from .model import EarlyExitModel
+
+__all__ = ["attach", "detach"]
+
+# Backbones that currently carry exits. A weak set, so that eexit keeps no backbone alive and writes nothing
+# onto the backbone itself.
+_ATTACHED: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+
+
+def _default_exit_blocks(num_blocks: int, has_head: bool) -> list[int]:
+    # With its own classifier, the backbone's last block already feeds the last exit (its head).
+    return list(range(num_blocks - 1)) if has_head else list(range(num_blocks))
+
+
+def _resolve_num_classes(spec: BackboneSpec, model: nn.Module, num_classes: int | None) -> int:
+    head_classes = spec.num_classes(model)
+    if num_classes is not None and (not isinstance(num_classes, int) or num_classes < 2):
+        raise EexitValueError(f"num_classes must be an int >= 2, got {num_classes!r}.")
+    if head_classes is not None and num_classes is not None and head_classes != num_classes:
+        raise EexitValueError(
+            f"num_classes={num_classes} but the backbone's head predicts {head_classes} classes; the exits must "
+            "predict the same classes as the last exit. Drop num_classes, or reset the backbone's head first "
+            "(timm: model.reset_classifier(num_classes))."
+        )
+    resolved = head_classes if head_classes is not None else num_classes
+    if resolved is None:
+        raise EexitValueError(
+            f"{type(model).__name__} has no classification head, so eexit cannot tell how many classes to "
+            "predict; pass num_classes=C (the last exit is then an IM on the last block)."
+        )
+    return resolved
+
+
+def attach(
+    model: nn.Module,
+    config: ExitConfig | None = None,
+    *,
+    spec: BackboneSpec | None = None,
+    backbone: str | None = None,
+    num_classes: int | None = None,
+    input_size: tuple[int, int, int] | None = None,
+    **config_overrides: Any,
+) -> EarlyExitModel:
+    """Hook IMs and gates onto ``model`` and return the early-exit model.
+
+    The backbone is frozen and put in eval mode; everything changed is recorded for :func:`detach`.
+
+    Args:
+        model: a timm or transformers vision transformer (or any model a spec describes).
+        config: where the exits go and what they are; keyword arguments override its fields
+            (e.g. ``exit_blocks=(3, 6, 9)``, ``head="mlp"``, ``threshold=0.5``).
+        spec: a spec instance, e.g. :class:`eexit.GenericSpec`, for models no registered spec knows.
+        backbone: name of a registered spec to use instead of matching (see ``eexit.list_specs()``).
+        num_classes: classes to predict; required when the backbone has no classification head.
+        input_size: (C, H, W) at which to measure the cost table, when the backbone does not fix it.
+
+    Returns:
+        The :class:`EarlyExitModel`; call it on images for real early exit.
+
+    Raises:
+        BackboneError: no spec recognises the model, it has no blocks, or it already carries exits.
+        EexitValueError: bad exit placement or class count.
+    """
+    if model in _ATTACHED:
+        raise BackboneError(
+            f"this {type(model).__name__} already has exits attached; call ee.detach() (or eexit.detach(ee)) "
+            "before attaching again."
+        )
+    config = replace(config or ExitConfig(), **config_overrides) if config_overrides else (config or ExitConfig())
+    spec = spec if spec is not None else find_spec(model, backbone)
+    blocks = spec.blocks(model)
+    if not blocks:
+        raise BackboneError(
+            f"spec {spec.name!r} found no blocks in {type(model).__name__}; check the block names it was given."
+        )
+    classes = _resolve_num_classes(spec, model, num_classes)
+    has_head = spec.num_classes(model) is not None
+    exit_blocks = list(config.exit_blocks) if config.exit_blocks is not None else _default_exit_blocks(len(blocks), has_head)
+    bad = [b for b in exit_blocks if not 0 <= b < len(blocks)]
+    if bad:
+        raise EexitValueError(f"exit_blocks {bad} are out of range: the backbone has blocks 0..{len(blocks) - 1}.")
+    if not exit_blocks:
+        raise EexitValueError(f"{type(model).__name__} has a single block: there is no place for an early exit.")
+
+    expected = spec.input_shape(model)
+    shape = tuple(input_size) if input_size is not None else expected
+    if any(s is None for s in shape):
+        raise EexitValueError(
+            f"cannot tell the input size of {type(model).__name__} (got {expected}); pass input_size=(C, H, W) "
+            "so the cost table can be measured."
+        )
+
+    # Record every flag we change, then freeze.
+    grad_flags = [(p, p.requires_grad) for p in model.parameters()]
+    modes = [(m, m.training) for m in model.modules()]
+    for p, _ in grad_flags:
+        p.requires_grad_(False)
+    model.eval()
+
+    ee = EarlyExitModel(model, spec, exit_blocks, classes, config)
+    param = next(model.parameters(), None)
+    if param is not None:
+        ee.heads.to(device=param.device, dtype=param.dtype)
+        ee.gates.to(device=param.device, dtype=param.dtype)
+    for k, block in enumerate(exit_blocks):
+        ee._handles.append(blocks[block][1].register_forward_hook(ee._make_hook(k)))
+
+    def restore() -> None:
+        for handle in ee._handles:
+            handle.remove()
+        ee._handles.clear()
+        for p, flag in grad_flags:
+            p.requires_grad_(flag)
+        for m, mode in modes:
+            m.training = mode
+
+    ee._restore = restore
+    _ATTACHED.add(model)
+    try:
+        ee.cost_table = measure_cost_table(ee, shape)  # type: ignore[arg-type]
+    except Exception:
+        detach(ee)
+        raise
+    return ee
+
+
+def detach(ee: EarlyExitModel) -> nn.Module:
+    """Remove the exits from the backbone and restore every flag and mode ``attach`` changed.
+
+    Returns:
+        The backbone, exactly as it was before :func:`attach` (same outputs).
+    """
+    if not isinstance(ee, EarlyExitModel):
+        raise EexitValueError(f"detach expects the EarlyExitModel that attach returned, got {type(ee).__name__}.")
+    if ee._restore is None:
+        raise EexitValueError("these exits are already detached.")
+    ee._restore()
+    ee._restore = None
+    _ATTACHED.discard(ee.backbone)
+    return ee.backbone

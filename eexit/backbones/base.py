@@ -1,0 +1,159 @@
+"""What a backbone spec is, and the registry that picks one for a model.
+
+A spec *describes* one backbone family: which modules are the blocks (candidate exit points), how a block's
+output becomes the pooled feature an IM reads (through the backbone's own final norm and pooling), how to call
+the model and read its logits, and how to shrink the batch at a block. It holds no hook, training or saving
+code: :mod:`eexit.attach` and :mod:`eexit.inference` act on what it says.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import BackboneError, EexitValueError
+
+__all__ = ["BackboneSpec", "find_spec", "get_spec", "list_specs", "register_spec"]
+
+
+class BackboneSpec:
+    """Base class of backbone specs; subclasses override what differs from a plain token transformer.
+
+    The defaults suit blocks that return a ``[B, N, D]`` tensor or a tuple whose first element is one.
+    """
+
+    #: unique registry name, stored in saved adapters as the backbone family
+    name: str = ""
+
+    def matches(self, model: nn.Module) -> bool:
+        """Whether this spec describes ``model``."""
+        raise NotImplementedError
+
+    def blocks(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
+        """The ordered blocks (qualified module name, module) whose outputs can feed an exit."""
+        raise NotImplementedError
+
+    def feature_width(self, model: nn.Module) -> int:
+        """Width D of the pooled feature :meth:`pool` returns."""
+        raise NotImplementedError
+
+    def pool(self, model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        """Pool a block's hidden states ``[B, N, D]`` into the feature ``[B, D]`` an IM reads."""
+        raise NotImplementedError
+
+    def num_classes(self, model: nn.Module) -> int | None:
+        """Classes of the backbone's own head, or ``None`` when it has no classifier."""
+        raise NotImplementedError
+
+    def input_shape(self, model: nn.Module) -> tuple[int | None, int | None, int | None]:
+        """Expected (channels, height, width) of an input image; ``None`` where any value is accepted."""
+        return (None, None, None)
+
+    def call(self, model: nn.Module, pixel_values: torch.Tensor) -> Any:
+        """Run the whole backbone on a batch."""
+        return model(pixel_values)
+
+    def logits(self, output: Any) -> torch.Tensor:
+        """Read the class logits ``[B, C]`` from what :meth:`call` returned."""
+        if isinstance(output, torch.Tensor):
+            return output
+        logits = getattr(output, "logits", None)
+        if isinstance(logits, torch.Tensor):
+            return logits
+        raise BackboneError(f"{self.name}: cannot read logits from a backbone output of type {type(output)}.")
+
+    def hidden(self, block_output: Any) -> torch.Tensor:
+        """The hidden-state tensor inside a block's output."""
+        if isinstance(block_output, torch.Tensor):
+            return block_output
+        if isinstance(block_output, (tuple, list)) and isinstance(block_output[0], torch.Tensor):
+            return block_output[0]
+        raise BackboneError(
+            f"{self.name}: a block returned {type(block_output).__name__}; expected a tensor or a tuple whose "
+            "first element is the hidden states."
+        )
+
+    def shrink(self, block_output: Any, keep: torch.Tensor) -> Any:
+        """Keep only the samples at positions ``keep`` (a 1-D index tensor) in a block's output."""
+        if isinstance(block_output, torch.Tensor):
+            return block_output.index_select(0, keep)
+        rest = tuple(block_output[1:])
+        return type(block_output)((block_output[0].index_select(0, keep), *rest))
+
+    def describe(self, model: nn.Module) -> dict[str, Any]:
+        """Provenance stored with an adapter: model class, base model id and revision where known."""
+        return {"family": self.name, "model_class": type(model).__name__}
+
+
+_REGISTRY: dict[str, BackboneSpec] = {}
+_BUILTINS_LOADED = False
+
+
+def register_spec(spec: BackboneSpec) -> BackboneSpec:
+    """Register a backbone spec under its ``name``; a duplicate name is an error.
+
+    Returns:
+        The spec itself, so this can decorate an instance at module level.
+    """
+    if not spec.name:
+        raise EexitValueError(f"{type(spec).__name__} has an empty name; give the spec a unique `name`.")
+    if spec.name in _REGISTRY:
+        raise EexitValueError(
+            f"a backbone spec named {spec.name!r} is already registered ({type(_REGISTRY[spec.name]).__name__}); "
+            "pick another name."
+        )
+    _REGISTRY[spec.name] = spec
+    return spec
+
+
+def _load_builtins() -> None:
+    # Imported lazily so that `import eexit` stays light; each module registers its specs on import.
+    global _BUILTINS_LOADED
+    if not _BUILTINS_LOADED:
+        _BUILTINS_LOADED = True
+        from . import hf_vit, timm_vit  # noqa: F401
+
+
+def list_specs() -> list[str]:
+    """Names of the registered backbone specs."""
+    _load_builtins()
+    return sorted(_REGISTRY)
+
+
+def get_spec(name: str) -> BackboneSpec:
+    """The registered spec called ``name``."""
+    _load_builtins()
+    if name not in _REGISTRY:
+        raise EexitValueError(f"no backbone spec named {name!r}; registered specs: {sorted(_REGISTRY)}.")
+    return _REGISTRY[name]
+
+
+def find_spec(model: nn.Module, name: str | None = None) -> BackboneSpec:
+    """The spec for ``model``: the one called ``name``, or the first registered spec that matches."""
+    if not isinstance(model, nn.Module):
+        raise BackboneError(f"eexit attaches to a torch.nn.Module, got {type(model).__name__}.")
+    if name is not None:
+        spec = get_spec(name)
+        if not spec.matches(model):
+            raise BackboneError(f"backbone spec {name!r} does not describe a {type(model).__name__}.")
+        return spec
+    _load_builtins()
+    for spec in _REGISTRY.values():
+        if spec.matches(model):
+            return spec
+    raise BackboneError(
+        f"no backbone spec recognises {type(model).__module__}.{type(model).__name__}. Known specs: "
+        f"{sorted(_REGISTRY)}. For another transformer, describe it with a generic spec: "
+        "eexit.attach(model, spec=eexit.GenericSpec(blocks='encoder.layers', pool='cls', norm='norm'))."
+    )
+
+
+def resolve_module(model: nn.Module, path: str) -> nn.Module:
+    """``model.get_submodule(path)`` with an error that names the missing path."""
+    try:
+        return model.get_submodule(path)
+    except AttributeError as err:
+        raise BackboneError(f"{type(model).__name__} has no submodule {path!r} ({err}).") from None
+

@@ -1,0 +1,337 @@
+"""EarlyExitModel: a backbone with exits hooked on, and its two forwards.
+
+* Early exit (default): at each exit point the hook runs the IM and gate on the samples still running, records
+  those that stop, and hands the next block only the rest; when none remain, the backbone stops. Outputs come
+  back in input order with each sample's exit index and cost.
+* All exits (training and analysis): the backbone runs once on the whole batch; every exit's logits and gate
+  logits are returned.
+
+Per-call state lives in a ContextVar set for the duration of one call, never on the modules: the hooks do
+nothing for a call that is not an eexit call (the backbone then behaves exactly as before), and two threads
+never see each other's features.
+"""
+
+from __future__ import annotations
+
+import contextvars
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .backbones.base import BackboneSpec
+from .config import ExitConfig, FitConfig
+from .cost import CostTable
+from .errors import EexitTypeError, EexitValueError
+from .gates import Gate, exit_probabilities
+from .heads import ExitHead
+from .inference import ExitPolicy, ExitState, GatePolicy
+
+__all__ = ["AllExitsOutput", "EarlyExitModel", "EarlyExitOutput"]
+
+
+@dataclass
+class EarlyExitOutput:
+    """Result of an early-exit forward, in input order.
+
+    Attributes:
+        logits: the prediction of the exit each sample took, ``[B, C]``.
+        exit_index: 0-based exit each sample took, ``[B]`` (E-1 is the last exit).
+        cost: FLOPs each sample used, from the cost table, ``[B]`` (float64).
+    """
+
+    logits: torch.Tensor
+    exit_index: torch.Tensor
+    cost: torch.Tensor
+
+    @property
+    def gflops(self) -> torch.Tensor:
+        return self.cost / 1e9
+
+
+@dataclass
+class AllExitsOutput:
+    """Every exit's output on every sample.
+
+    Attributes:
+        logits: ``[E, B, C]``, the last row from the backbone's own head when it has one.
+        gate_logits: pre-sigmoid gate outputs of the E-1 intermediate exits, ``[E-1, B]``.
+    """
+
+    logits: torch.Tensor
+    gate_logits: torch.Tensor
+
+    @property
+    def gate_values(self) -> torch.Tensor:
+        return torch.sigmoid(self.gate_logits)  # [E-1, B]
+
+    @property
+    def exit_probs(self) -> torch.Tensor:
+        """P(G=l|x) under the additive model, ``[E, B]``."""
+        return exit_probabilities(self.gate_values)
+
+
+class _AllExited(Exception):
+    """Raised inside a hook to stop the backbone once no sample is left running."""
+
+
+@dataclass
+class _Run:
+    """State of one eexit call, visible to the hooks through ``_RUN``."""
+
+    owner: EarlyExitModel
+    mode: str  # "early" | "all" | "features"
+    state: ExitState | None = None
+    policy: ExitPolicy | None = None
+    logits: list[torch.Tensor] = field(default_factory=list)
+    gate_logits: list[torch.Tensor] = field(default_factory=list)
+    features: list[torch.Tensor] = field(default_factory=list)
+    out_logits: torch.Tensor | None = None
+    out_exit: torch.Tensor | None = None
+    on_exit: Callable[[], None] | None = None
+
+
+_RUN: contextvars.ContextVar[_Run | None] = contextvars.ContextVar("eexit_run", default=None)
+
+
+class EarlyExitModel(nn.Module):
+    """A backbone with IMs and gates attached through forward hooks. Build it with :func:`eexit.attach`.
+
+    Calling it runs real early exit and returns an :class:`EarlyExitOutput`; ``all_exits=True`` returns an
+    :class:`AllExitsOutput`. The backbone module is used in place, never copied or edited.
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        spec: BackboneSpec,
+        exit_blocks: list[int],
+        num_classes: int,
+        config: ExitConfig,
+    ) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.spec = spec
+        self.config = config
+        self.num_classes = num_classes
+        self.exit_blocks = list(exit_blocks)
+        self.has_backbone_head = spec.num_classes(backbone) is not None
+        width = spec.feature_width(backbone)
+        self.heads = nn.ModuleList(
+            ExitHead(width, num_classes, config.head, config.head_hidden) for _ in self.exit_blocks
+        )
+        self.gates = nn.ModuleList(Gate(config.gate_features) for _ in range(self.num_exits - 1))
+        self.cost_table: CostTable | None = None
+        self.fit_config: FitConfig | None = None
+        self.history: list[dict[str, float]] = []
+        self.backbone_trainable = False
+        self._handles: list[Any] = []
+        self._restore: Callable[[], None] | None = None
+
+    # ------------------------------------------------------------------ structure
+    @property
+    def num_exits(self) -> int:
+        """E: the IMs plus the backbone's own head when it has one."""
+        return len(self.exit_blocks) + int(self.has_backbone_head)
+
+    @property
+    def exit_names(self) -> list[str]:
+        names = [self.spec.blocks(self.backbone)[b][0] for b in self.exit_blocks]
+        return names + (["<backbone head>"] if self.has_backbone_head else [])
+
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        """The adapter's tensors only (IMs and gates), under stable names ``heads.{l}.*`` / ``gates.{l}.*``."""
+        state = {f"heads.{k}": v for k, v in self.heads.state_dict().items()}
+        state.update({f"gates.{k}": v for k, v in self.gates.state_dict().items()})
+        return {k: v.detach().clone() for k, v in state.items()}
+
+    def load_adapter_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Load IM and gate tensors strictly: missing, unexpected or mis-shaped keys are named in the error."""
+        own = self.adapter_state_dict()
+        missing = sorted(set(own) - set(state))
+        unexpected = sorted(set(state) - set(own))
+        wrong = sorted(k for k in set(own) & set(state) if tuple(own[k].shape) != tuple(state[k].shape))
+        if missing or unexpected or wrong:
+            details = [f"missing keys {missing}" if missing else "", f"unexpected keys {unexpected}" if unexpected else ""]
+            details += [f"{k}: expected shape {tuple(own[k].shape)}, got {tuple(state[k].shape)}" for k in wrong]
+            raise EexitValueError(
+                "adapter tensors do not fit this model: " + "; ".join(d for d in details if d)
+                + ". Was the adapter saved for another backbone, exit placement or class count?"
+            )
+        with torch.no_grad():
+            for name, module in (("heads", self.heads), ("gates", self.gates)):
+                prefix = f"{name}."
+                module.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+
+    def train(self, mode: bool = True) -> EarlyExitModel:
+        """Set heads and gates to ``mode``; the backbone follows only while it is being trained.
+
+        A frozen backbone stays in eval mode, so dropout, drop-path and BatchNorm statistics never change the
+        features the exits learn from.
+        """
+        self.training = mode
+        self.heads.train(mode)
+        self.gates.train(mode)
+        self.backbone.train(mode and self.backbone_trainable)
+        return self
+
+    def detach(self) -> nn.Module:
+        """Remove the exits and restore the backbone exactly as it was; returns the backbone."""
+        from .attach import detach
+
+        return detach(self)
+
+    # ------------------------------------------------------------------ hooks
+    def _exit_step(self, k: int, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """IM k and, for an intermediate exit, gate k on pooled features ``[b, D]``."""
+        logits = self.heads[k](features)  # [b, C]
+        gate_logit = self.gates[k](logits) if k < self.num_exits - 1 else None  # [b]
+        return logits, gate_logit
+
+    def _make_hook(self, k: int) -> Callable[..., Any]:
+        is_final_im = not self.has_backbone_head and k == len(self.exit_blocks) - 1
+
+        def hook(module: nn.Module, args: Any, output: Any) -> Any:
+            run = _RUN.get()
+            if run is None or run.owner is not self:
+                return None  # not an eexit call: leave the backbone untouched
+            features = self.spec.pool(self.backbone, self.spec.hidden(output))  # [b, D]
+            if run.mode == "features":
+                run.features.append(features)
+                if is_final_im:
+                    raise _AllExited
+                return None
+            logits, gate_logit = self._exit_step(k, features)
+            if run.mode == "all":
+                run.logits.append(logits)
+                if gate_logit is not None:
+                    run.gate_logits.append(gate_logit)
+                if run.on_exit is not None:
+                    run.on_exit()
+                if is_final_im:
+                    raise _AllExited
+                return None
+            return self._early_step(run, k, output, logits, gate_logit, is_final_im)
+
+        return hook
+
+    def _early_step(
+        self, run: _Run, k: int, output: Any, logits: torch.Tensor, gate_logit: torch.Tensor | None, final: bool
+    ) -> Any:
+        state = run.state
+        assert state is not None and run.policy is not None  # set by forward()
+        if final:
+            stop = torch.ones_like(state.positions, dtype=torch.bool)
+        else:
+            stop = run.policy(k, logits, gate_logit, state)  # [b]
+        if run.out_logits is None:
+            run.out_logits = logits.new_zeros(run.out_exit.shape[0], logits.shape[-1])  # type: ignore[union-attr]
+        rows = state.positions[stop]
+        run.out_logits[rows] = logits[stop].to(run.out_logits.dtype)
+        run.out_exit[rows] = k  # type: ignore[index]
+        if bool(stop.all()):
+            raise _AllExited
+        if not bool(stop.any()):
+            state.advance(gate_logit)
+            return None  # nobody left here: hand the block's output on unchanged
+        keep = (~stop).nonzero().squeeze(1)
+        state.advance(gate_logit)
+        state.keep(keep)
+        return self.spec.shrink(output, keep)
+
+    # ------------------------------------------------------------------ forwards
+    def _check_input(self, pixel_values: Any) -> torch.Tensor:
+        if not isinstance(pixel_values, torch.Tensor):
+            raise EexitTypeError(f"expected images as a torch.Tensor [B, C, H, W], got {type(pixel_values).__name__}.")
+        if pixel_values.dim() != 4:
+            raise EexitValueError(
+                f"expected images of shape [B, C, H, W], got shape {tuple(pixel_values.shape)}; "
+                "add the batch dimension with x.unsqueeze(0) for a single image."
+            )
+        if not pixel_values.is_floating_point():
+            raise EexitTypeError(
+                f"expected floating-point images, got dtype {pixel_values.dtype}; convert with x.float() "
+                "(and normalise as the backbone expects)."
+            )
+        param = next(self.backbone.parameters(), None)
+        if param is not None and pixel_values.dtype != param.dtype and not torch.is_autocast_enabled():
+            raise EexitTypeError(
+                f"images are {pixel_values.dtype} but the backbone is {param.dtype}; use x.to({param.dtype})."
+            )
+        expected = self.spec.input_shape(self.backbone)
+        got = tuple(pixel_values.shape[1:])
+        if any(e is not None and e != g for e, g in zip(expected, got)):
+            shown = tuple("any" if e is None else e for e in expected)
+            raise EexitValueError(f"expected images of shape [B, {', '.join(map(str, shown))}], got {tuple(pixel_values.shape)}; "
+                                  "resize or crop them to the backbone's input size.")
+        return pixel_values
+
+    def _call_backbone(self, run: _Run, pixel_values: torch.Tensor) -> torch.Tensor | None:
+        token = _RUN.set(run)
+        try:
+            return self.spec.logits(self.spec.call(self.backbone, pixel_values))
+        except _AllExited:
+            return None
+        finally:
+            _RUN.reset(token)
+
+    def _run_all_exits(self, pixel_values: torch.Tensor, on_exit: Callable[[], None] | None = None) -> AllExitsOutput:
+        run = _Run(owner=self, mode="all", on_exit=on_exit)
+        final = self._call_backbone(run, pixel_values)
+        logits = run.logits + ([final] if self.has_backbone_head and final is not None else [])
+        gate_logits = torch.stack(run.gate_logits) if run.gate_logits else logits[0].new_zeros(0, logits[0].shape[0])
+        return AllExitsOutput(logits=torch.stack(logits), gate_logits=gate_logits)
+
+    def exit_features(self, pixel_values: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        """Pooled features at every IM exit and the backbone head's logits (``None`` without a head).
+
+        With a frozen backbone these are all the heads and gates need, so :func:`eexit.fit` caches them.
+        """
+        pixel_values = self._check_input(pixel_values)
+        run = _Run(owner=self, mode="features")
+        final = self._call_backbone(run, pixel_values)
+        return run.features, (final if self.has_backbone_head else None)
+
+    def outputs_from_features(self, features: list[torch.Tensor], final_logits: torch.Tensor | None) -> AllExitsOutput:
+        """All-exit outputs computed from cached :meth:`exit_features` (same result as ``all_exits=True``)."""
+        logits, gate_logits = [], []
+        for k, feats in enumerate(features):
+            im_logits, gate_logit = self._exit_step(k, feats)
+            logits.append(im_logits)
+            if gate_logit is not None:
+                gate_logits.append(gate_logit)
+        if final_logits is not None:
+            logits.append(final_logits)
+        gates = torch.stack(gate_logits) if gate_logits else logits[0].new_zeros(0, logits[0].shape[0])
+        return AllExitsOutput(logits=torch.stack(logits), gate_logits=gates)
+
+    def forward(
+        self, pixel_values: torch.Tensor, *, all_exits: bool = False, policy: ExitPolicy | None = None
+    ) -> EarlyExitOutput | AllExitsOutput:
+        """Run the model.
+
+        Args:
+            pixel_values: images ``[B, C, H, W]``, prepared as the backbone expects.
+            all_exits: return every exit's output (:class:`AllExitsOutput`) instead of exiting early.
+            policy: how samples exit (default: the gates with ``config.threshold``).
+        """
+        pixel_values = self._check_input(pixel_values)
+        if all_exits:
+            return self._run_all_exits(pixel_values)
+        batch, device = pixel_values.shape[0], pixel_values.device
+        run = _Run(owner=self, mode="early", state=ExitState.start(batch, device),
+                   policy=policy or GatePolicy(self.config.threshold))
+        run.out_exit = torch.full((batch,), self.num_exits - 1, dtype=torch.long, device=device)
+        final = self._call_backbone(run, pixel_values)
+        if final is not None:
+            if run.out_logits is None:
+                run.out_logits = final.new_zeros(batch, final.shape[-1])
+            run.out_logits[run.state.positions] = final.to(run.out_logits.dtype)  # type: ignore[union-attr]
+        costs = torch.tensor(self.cost_table.exit_flops, dtype=torch.float64, device=device) if self.cost_table \
+            else torch.zeros(self.num_exits, dtype=torch.float64, device=device)
+        return EarlyExitOutput(logits=run.out_logits, exit_index=run.out_exit, cost=costs[run.out_exit])
+
+    def extra_repr(self) -> str:
+        return f"num_exits={self.num_exits}, exit_blocks={self.exit_blocks}, num_classes={self.num_classes}"

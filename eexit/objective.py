@@ -1,0 +1,143 @@
+"""The JEI-DNN training objective as pure functions (Regol, Chataoui & Coates, ICLR 2024).
+
+Notation (``reference/jei-dnn.md`` sections 1.5 and 3.2): E exits, B samples, C classes.
+
+* cost of exiting at l:           C_il = CE(y_i, IM_l(x_i)) + λ·IC_l
+* best exit:                      l*_i = argmin_l C_il
+* gate (outer) targets:           t_ij = 1 if j >= l*_i else 0, for the E-1 gates
+* gate loss:                      BCE-with-logits, positives of gate j weighted by r_j = min((N - n_j)/n_j, cap)
+                                  with n_j the validation samples whose l* = j (recomputed each epoch)
+* IM (inner) loss:                Σ_l w_il·CE_il, with w from a weighting function (detached P(G=l|x) by default)
+
+Users with their own training loop can call these directly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "WEIGHTINGS",
+    "depth_weights",
+    "exit_costs",
+    "gate_loss",
+    "gate_pos_weights",
+    "gate_targets",
+    "gate_weights",
+    "im_loss",
+    "optimal_exit",
+    "per_exit_ce",
+    "uniform_weights",
+]
+
+#: A weighting maps the per-exit CE ``[E, B]`` and the exit probabilities ``[E, B]`` (or ``None``) to weights.
+Weighting = Callable[[torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+
+
+def per_exit_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of every exit on every sample.
+
+    Args:
+        logits: ``[E, B, C]``.
+        labels: ``[B]`` class indices.
+
+    Returns:
+        ``[E, B]``.
+    """
+    num_exits, batch, classes = logits.shape
+    flat = F.cross_entropy(logits.reshape(-1, classes).float(), labels.repeat(num_exits), reduction="none")
+    return flat.view(num_exits, batch)  # [E, B]
+
+
+def exit_costs(ce: torch.Tensor, ic: torch.Tensor, lam: float) -> torch.Tensor:
+    """C_il = CE_il + λ·IC_l.
+
+    Args:
+        ce: per-exit CE ``[E, B]``.
+        ic: normalised inference cost of each exit ``[E]`` (the last is 1).
+        lam: λ >= 0.
+    """
+    return ce + lam * ic.to(ce).unsqueeze(1)  # [E, B]
+
+
+def optimal_exit(costs: torch.Tensor) -> torch.Tensor:
+    """l*_i = argmin_l C_il (the earliest exit on ties), ``[E, B] -> [B]``."""
+    return costs.argmin(dim=0)
+
+
+def gate_targets(best_exit: torch.Tensor, num_exits: int) -> torch.Tensor:
+    """Cumulative surrogate targets: gate j should fire (1) for every j >= l*.
+
+    Args:
+        best_exit: l* per sample ``[B]``.
+        num_exits: E.
+
+    Returns:
+        ``[E-1, B]`` float targets; a sample whose best exit is the last one has all zeros.
+    """
+    gates = torch.arange(num_exits - 1, device=best_exit.device).unsqueeze(1)  # [E-1, 1]
+    return (gates >= best_exit.unsqueeze(0)).float()  # [E-1, B]
+
+
+def gate_pos_weights(best_exit: torch.Tensor, num_exits: int, cap: float = 5.0) -> torch.Tensor:
+    """Positive weights r_j = min((N - n_j) / n_j, cap) of the E-1 gates, n_j floored at 0.1.
+
+    As in the authors' code, n_j counts the samples whose best exit is exactly j (not those with l* <= j),
+    which pushes up the gates that are rarely the optimum.
+    """
+    counts = torch.bincount(best_exit.flatten(), minlength=num_exits)[: num_exits - 1].float()  # [E-1]
+    counts = counts.clamp(min=0.1)
+    total = float(best_exit.numel())
+    return ((total - counts) / counts).clamp(max=cap)  # [E-1]
+
+
+def gate_loss(gate_logits: torch.Tensor, targets: torch.Tensor, pos_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Weighted BCE of the gates, averaged over every (gate, sample) pair.
+
+    Args:
+        gate_logits: ``[E-1, B]`` pre-sigmoid gate outputs.
+        targets: ``[E-1, B]`` from :func:`gate_targets`.
+        pos_weight: ``[E-1]`` weight of the positives of each gate, or ``None`` for 1.
+    """
+    weight = None
+    if pos_weight is not None:
+        weight = 1.0 + (pos_weight.to(gate_logits).unsqueeze(1) - 1.0) * targets  # [E-1, B]
+    return F.binary_cross_entropy_with_logits(gate_logits.float(), targets.float(), weight=weight)
+
+
+def uniform_weights(ce: torch.Tensor, exit_probs: torch.Tensor | None = None) -> torch.Tensor:
+    """Weight 1/E for every exit: the plain mean CE (what the authors' released code computes in effect)."""
+    return torch.full_like(ce, 1.0 / ce.shape[0])
+
+
+def gate_weights(ce: torch.Tensor, exit_probs: torch.Tensor | None = None) -> torch.Tensor:
+    """The detached P(G=l|x): each IM learns most from the samples that will exit there (the paper's intent)."""
+    if exit_probs is None:
+        raise ValueError("gate_weights needs the exit probabilities")
+    return exit_probs.detach().to(ce)
+
+
+def depth_weights(ce: torch.Tensor, exit_probs: torch.Tensor | None = None) -> torch.Tensor:
+    """Warm-up weights: IM l gets (E - l) for l = 0..E-1, normalised to sum to 1 (earlier IMs weigh more)."""
+    num_exits = ce.shape[0]
+    w = torch.arange(num_exits, 0, -1, dtype=ce.dtype, device=ce.device)  # [E]
+    return (w / w.sum()).unsqueeze(1).expand_as(ce)
+
+
+WEIGHTINGS: dict[str, Weighting] = {"uniform": uniform_weights, "gate": gate_weights, "depth": depth_weights}
+
+
+def im_loss(ce: torch.Tensor, weights: torch.Tensor, trainable: torch.Tensor | None = None) -> torch.Tensor:
+    """Σ_l w_il·CE_il, averaged over samples.
+
+    Args:
+        ce: ``[E, B]``.
+        weights: ``[E, B]`` (no gradient expected).
+        trainable: optional ``[E]`` bool mask; exits that cannot learn (a frozen backbone head) are left out.
+    """
+    if trainable is not None:
+        weights = weights * trainable.to(weights).unsqueeze(1)
+    return (weights * ce).sum(dim=0).mean()
