@@ -86,12 +86,13 @@ class ThresholdPolicy:
     """Confidence-threshold exits (BranchyNet / MSDNet): exit where max softmax probability >= η_l."""
 
     def __init__(self, thresholds: Sequence[float] | torch.Tensor) -> None:
-        self.thresholds = torch.as_tensor(thresholds, dtype=torch.float32)
+        self.thresholds = torch.as_tensor(thresholds, dtype=torch.float64)
 
     def __call__(
         self, exit_index: int, logits: torch.Tensor, gate_logit: torch.Tensor | None, state: ExitState
     ) -> torch.Tensor:
-        confidence = torch.softmax(logits.float(), dim=-1).amax(dim=-1)  # [b]
+        # float64 like eexit.baselines.thresholds, so fitted thresholds select exactly the samples they were fit on
+        confidence = torch.softmax(logits.double(), dim=-1).amax(dim=-1)  # [b]
         return confidence >= self.thresholds[exit_index].to(confidence.device)
 
 

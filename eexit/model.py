@@ -127,6 +127,10 @@ class EarlyExitModel(nn.Module):
         self.fit_config: FitConfig | None = None
         self.history: list[dict[str, float]] = []
         self.backbone_trainable = False
+        self.evaluation: dict[str, Any] | None = None
+        # Named adapters: the tensors and training record of every adapter but the active one.
+        self.active_adapter = "default"
+        self._stored_adapters: dict[str, dict[str, Any]] = {}
         self._handles: list[Any] = []
         self._restore: Callable[[], None] | None = None
 
@@ -164,6 +168,66 @@ class EarlyExitModel(nn.Module):
             for name, module in (("heads", self.heads), ("gates", self.gates)):
                 prefix = f"{name}."
                 module.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+
+    # ------------------------------------------------------------------ named adapters
+    @property
+    def adapter_names(self) -> list[str]:
+        """Names of the adapters this model holds (the active one included)."""
+        return sorted({self.active_adapter, *self._stored_adapters})
+
+    def _adapter_record(self) -> dict[str, Any]:
+        return {"state": self.adapter_state_dict(), "fit_config": self.fit_config, "history": list(self.history),
+                "evaluation": self.evaluation}
+
+    def add_adapter(self, name: str, record: dict[str, Any] | None = None) -> None:
+        """Store an adapter under ``name`` without activating it.
+
+        Args:
+            name: a new adapter name.
+            record: ``{"state": tensors, "fit_config": ..., "history": ..., "evaluation": ...}``; default: a
+                copy of the active adapter (so that, e.g., the next :func:`eexit.fit` can start from it).
+        """
+        if not isinstance(name, str) or not name:
+            raise EexitValueError(f"an adapter name must be a non-empty string, got {name!r}.")
+        if name in self.adapter_names:
+            raise EexitValueError(f"an adapter named {name!r} exists already; names here: {self.adapter_names}.")
+        record = record if record is not None else self._adapter_record()
+        own = self.adapter_state_dict()
+        self.load_adapter_state_dict(record["state"])  # validates names and shapes before storing
+        self.load_adapter_state_dict(own)
+        self._stored_adapters[name] = record
+
+    def set_adapter(self, name: str) -> None:
+        """Make the adapter called ``name`` active (its IM and gate tensors go into the heads and gates)."""
+        if name == self.active_adapter:
+            return
+        if name not in self._stored_adapters:
+            raise EexitValueError(f"no adapter named {name!r}; this model holds {self.adapter_names}.")
+        record = self._stored_adapters.pop(name)
+        self._stored_adapters[self.active_adapter] = self._adapter_record()
+        self.load_adapter_state_dict(record["state"])
+        self.fit_config, self.history = record.get("fit_config"), list(record.get("history") or [])
+        self.evaluation = record.get("evaluation")
+        self.active_adapter = name
+
+    # ------------------------------------------------------------------ files and the Hub
+    def save_pretrained(self, save_directory: str | Any, **kwargs: Any) -> Any:
+        """Write the active adapter to a folder (see :func:`eexit.hub.save_pretrained`)."""
+        from .hub import save_pretrained
+
+        return save_pretrained(self, save_directory, **kwargs)
+
+    def push_to_hub(self, repo_id: str, **kwargs: Any) -> Any:
+        """Upload the active adapter to the Hugging Face Hub in one commit (see :func:`eexit.hub.push_to_hub`)."""
+        from .hub import push_to_hub
+
+        return push_to_hub(self, repo_id, **kwargs)
+
+    def load_adapter(self, path_or_repo_id: str | Any, adapter_name: str, **kwargs: Any) -> None:
+        """Load a saved adapter as ``adapter_name`` next to the active one (see :func:`eexit.hub.load_adapter`)."""
+        from .hub import load_adapter
+
+        load_adapter(self, path_or_repo_id, adapter_name, **kwargs)
 
     def train(self, mode: bool = True) -> EarlyExitModel:
         """Set heads and gates to ``mode``; the backbone follows only while it is being trained.

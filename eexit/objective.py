@@ -6,7 +6,8 @@ Notation (``reference/jei-dnn.md`` sections 1.5 and 3.2): E exits, B samples, C 
 * best exit:                      l*_i = argmin_l C_il
 * gate (outer) targets:           t_ij = 1 if j >= l*_i else 0, for the E-1 gates
 * gate loss:                      BCE-with-logits, positives of gate j weighted by r_j = min((N - n_j)/n_j, cap)
-                                  with n_j the validation samples whose l* = j (recomputed each epoch)
+                                  with n_j the validation samples whose l* = j (recomputed each epoch),
+                                  bounded below by 1/cap (see gate_pos_weights)
 * IM (inner) loss:                Σ_l w_il·CE_il, with w from a weighting function (detached P(G=l|x) by default)
 
 Users with their own training loop can call these directly.
@@ -83,15 +84,17 @@ def gate_targets(best_exit: torch.Tensor, num_exits: int) -> torch.Tensor:
 
 
 def gate_pos_weights(best_exit: torch.Tensor, num_exits: int, cap: float = 5.0) -> torch.Tensor:
-    """Positive weights r_j = min((N - n_j) / n_j, cap) of the E-1 gates, n_j floored at 0.1.
+    """Positive weights r_j = clamp((N - n_j) / n_j, 1/cap, cap) of the E-1 gates, n_j floored at 0.1.
 
     As in the authors' code, n_j counts the samples whose best exit is exactly j (not those with l* <= j),
-    which pushes up the gates that are rarely the optimum.
+    which pushes up the gates that are rarely the optimum. The authors' formula has no lower bound: when every
+    sample's best exit is j, r_j = 0 and gate j gets no signal from its (all positive) targets, so it never
+    learns to fire where it should. We bound r_j below by 1/cap, symmetric to the cap.
     """
     counts = torch.bincount(best_exit.flatten(), minlength=num_exits)[: num_exits - 1].float()  # [E-1]
     counts = counts.clamp(min=0.1)
     total = float(best_exit.numel())
-    return ((total - counts) / counts).clamp(max=cap)  # [E-1]
+    return ((total - counts) / counts).clamp(min=1.0 / cap, max=cap)  # [E-1]
 
 
 def gate_loss(gate_logits: torch.Tensor, targets: torch.Tensor, pos_weight: torch.Tensor | None = None) -> torch.Tensor:

@@ -271,7 +271,7 @@ def _fit_loop(ee: EarlyExitModel, train_loader: Iterable[Any], val_loader: Itera
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            totals[phase] += float(loss)
+            totals[phase] += loss.item()
             counts[phase] += 1
             if phase is not Phase.WARMUP:
                 step += 1

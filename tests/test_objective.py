@@ -88,6 +88,8 @@ def test_pos_weights_hand_example():
     assert torch.allclose(gate_pos_weights(best, 3), torch.tensor([1.5, 5.0]))
     # an exit nobody prefers: n floored at 0.1 -> capped
     assert gate_pos_weights(torch.tensor([2, 2]), 3, cap=5.0).tolist() == [5.0, 5.0]
+    # everyone's best exit is 0: the authors' r_0 = 0 would silence gate 0; bounded below by 1/cap
+    assert gate_pos_weights(torch.zeros(8, dtype=torch.long), 3, cap=5.0).tolist() == pytest.approx([0.2, 5.0])
 
 
 def test_gate_loss_weights_positives():
