@@ -18,6 +18,8 @@ from .backbones.base import list_specs, register_spec
 from .backbones.generic import GenericSpec
 from .config import ExitConfig, FitConfig
 from .errors import EexitError
+from .evaluate import EvaluationReport, evaluate
+from .hub import from_pretrained
 from .model import AllExitsOutput, EarlyExitModel, EarlyExitOutput
 from .train import fit
 
@@ -26,13 +28,16 @@ __all__ = [
     "EarlyExitModel",
     "EarlyExitOutput",
     "EexitError",
+    "EvaluationReport",
     "ExitConfig",
     "FitConfig",
     "GenericSpec",
     "__version__",
     "attach",
     "detach",
+    "evaluate",
     "fit",
+    "from_pretrained",
     "list_specs",
     "register_spec",
 ]

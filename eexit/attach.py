@@ -94,7 +94,9 @@ def attach(
         )
     classes = _resolve_num_classes(spec, model, num_classes)
     has_head = spec.num_classes(model) is not None
-    exit_blocks = list(config.exit_blocks) if config.exit_blocks is not None else _default_exit_blocks(len(blocks), has_head)
+    exit_blocks = (
+        list(config.exit_blocks) if config.exit_blocks is not None else _default_exit_blocks(len(blocks), has_head)
+    )
     bad = [b for b in exit_blocks if not 0 <= b < len(blocks)]
     if bad:
         raise EexitValueError(f"exit_blocks {bad} are out of range: the backbone has blocks 0..{len(blocks) - 1}.")

@@ -119,5 +119,5 @@ def measure_cost_table(ee: EarlyExitModel, input_shape: tuple[int, int, int]) ->
                 total = float(counter.get_total_flops())
     finally:
         ee.train(was_training)
-    exit_flops = readings[: ee.num_exits - 1] + [total] if ee.has_backbone_head else readings
+    exit_flops = [*readings[: ee.num_exits - 1], total] if ee.has_backbone_head else readings
     return CostTable(exit_flops=exit_flops, backbone_flops=float(bare.get_total_flops()), input_shape=list(input_shape))

@@ -107,9 +107,9 @@ class FeatureCache:
         features = [torch.cat([f[k] for f in feats]) for k in range(len(feats[0]))]
         return cls(features, torch.cat(finals) if finals else None, torch.cat(labels))
 
-    def batches(self, batch_size: int, shuffle: bool, generator: torch.Generator | None = None) -> Iterator[
-        tuple[list[torch.Tensor], torch.Tensor | None, torch.Tensor]
-    ]:
+    def batches(
+        self, batch_size: int, shuffle: bool, generator: torch.Generator | None = None
+    ) -> Iterator[tuple[list[torch.Tensor], torch.Tensor | None, torch.Tensor]]:
         """Yield (features, final logits, labels) mini-batches."""
         n = len(self)
         order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)

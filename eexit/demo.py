@@ -31,8 +31,9 @@ def _row(name: str, acc: float, gflops: float, frac: float, hist: list[float]) -
     return f"| {name:<24} | {100 * acc:6.2f} | {gflops:9.5f} | {100 * frac:5.1f} % | {hist_s} |"
 
 
-def run_demo(out_dir: str | Path = "outputs/demo", lams: list[float] | None = None, quick: bool = False,
-             seed: int = 0) -> dict:
+def run_demo(
+    out_dir: str | Path = "outputs/demo", lams: list[float] | None = None, quick: bool = False, seed: int = 0
+) -> dict:
     """Run the demo and return its results (also written to ``out_dir/results.json``)."""
     start = time.time()
     torch.manual_seed(seed)
@@ -47,11 +48,21 @@ def run_demo(out_dir: str | Path = "outputs/demo", lams: list[float] | None = No
 
     ee = attach(backbone)
     table = ee.cost_table
-    print(f"\nattached {ee.num_exits} exits; cumulative cost per exit (% of backbone): "
-          + ", ".join(f"{100 * f:.0f}" for f in table.fraction_of_backbone()))
+    print(
+        f"\nattached {ee.num_exits} exits; cumulative cost per exit (% of backbone): "
+        + ", ".join(f"{100 * f:.0f}" for f in table.fraction_of_backbone())
+    )
     initial = ee.adapter_state_dict()
-    fit_kwargs = dict(epochs=4 if quick else 60, warmup_epochs=2 if quick else 15, phase_batches=10,
-                      optimizer="adamw", lr=5e-3, weight_decay=1e-4, min_lr=1e-4, seed=seed)
+    fit_kwargs = dict(
+        epochs=4 if quick else 60,
+        warmup_epochs=2 if quick else 15,
+        phase_batches=10,
+        optimizer="adamw",
+        lr=5e-3,
+        weight_decay=1e-4,
+        min_lr=1e-4,
+        seed=seed,
+    )
 
     header = "| method                   | acc %  | GFLOPs    | cost    | exit histogram (% per exit) |"
     rows = [header, "|" + "---|" * 5]
@@ -63,10 +74,19 @@ def run_demo(out_dir: str | Path = "outputs/demo", lams: list[float] | None = No
         fit(ee, train_loader, val_loader, lam=lam, **fit_kwargs)
         report = evaluate(ee, test_loader, calibration_loader=val_loader, alpha=0.1)
         if i == 0:
-            rows.insert(2, _row("full backbone", report.backbone_accuracy, report.backbone_gflops, 1.0,
-                                [0.0] * (ee.num_exits - 1) + [1.0]))
-        rows.append(_row(f"JEI-DNN λ={lam:g}", report.accuracy, report.mean_gflops, report.cost_fraction,
-                         report.exit_rates))
+            rows.insert(
+                2,
+                _row(
+                    "full backbone",
+                    report.backbone_accuracy,
+                    report.backbone_gflops,
+                    1.0,
+                    [0.0] * (ee.num_exits - 1) + [1.0],
+                ),
+            )
+        rows.append(
+            _row(f"JEI-DNN λ={lam:g}", report.accuracy, report.mean_gflops, report.cost_fraction, report.exit_rates)
+        )
         points["JEI-DNN (λ sweep)"].append((report.mean_gflops, report.accuracy))
         results["lams"][str(lam)] = report.to_dict()
         ee.add_adapter(f"lam_{lam:g}")
@@ -82,8 +102,15 @@ def run_demo(out_dir: str | Path = "outputs/demo", lams: list[float] | None = No
     for gflops, _ in points["JEI-DNN (λ sweep)"]:
         point = min(curve, key=lambda p: abs(p.cost / 1e9 - gflops))
         report = evaluate(ee, test_loader, policy=ThresholdPolicy(torch.tensor(point.thresholds[:-1])))
-        rows.append(_row(f"threshold p={point.p:g} ({base_name})", report.accuracy, report.mean_gflops,
-                         report.cost_fraction, report.exit_rates))
+        rows.append(
+            _row(
+                f"threshold p={point.p:g} ({base_name})",
+                report.accuracy,
+                report.mean_gflops,
+                report.cost_fraction,
+                report.exit_rates,
+            )
+        )
         results["threshold"].append(report.to_dict())
 
     print("\nDigits test set (" + f"{len(splits.test)} images), every method on the same test split:\n")
@@ -94,6 +121,8 @@ def run_demo(out_dir: str | Path = "outputs/demo", lams: list[float] | None = No
     adapter_dir = out / "adapter"
     ee.save_pretrained(adapter_dir)
     (out / "results.json").write_text(json.dumps(results, indent=2, sort_keys=True))
-    print(f"\nsaved the {base_name} adapter to {adapter_dir}, the plot to {out / 'accuracy_cost.png'}, "
-          f"results to {out / 'results.json'} ({time.time() - start:.0f} s)")
+    print(
+        f"\nsaved the {base_name} adapter to {adapter_dir}, the plot to {out / 'accuracy_cost.png'}, "
+        f"results to {out / 'results.json'} ({time.time() - start:.0f} s)"
+    )
     return results

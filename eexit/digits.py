@@ -64,8 +64,16 @@ def make_digits_vit(depth: int = 6, embed_dim: int = 64, num_heads: int = 4, see
 
     torch.manual_seed(seed)
     return timm.create_model(
-        "vit_tiny_patch16_224", pretrained=False, img_size=8, patch_size=2, in_chans=1, embed_dim=embed_dim,
-        depth=depth, num_heads=num_heads, num_classes=10, drop_path_rate=0.1,
+        "vit_tiny_patch16_224",
+        pretrained=False,
+        img_size=8,
+        patch_size=2,
+        in_chans=1,
+        embed_dim=embed_dim,
+        depth=depth,
+        num_heads=num_heads,
+        num_classes=10,
+        drop_path_rate=0.1,
     )
 
 

@@ -89,8 +89,10 @@ class EvaluationReport:
         ]
         if self.conformal:
             c = self.conformal
-            rows.append(f"| conformal coverage at α={c['alpha']} | {100 * c['coverage']:.1f} % (mean set size "
-                        f"{c['mean_set_size']:.2f}) |")
+            rows.append(
+                f"| conformal coverage at α={c['alpha']} | {100 * c['coverage']:.1f} % (mean set size "
+                f"{c['mean_set_size']:.2f}) |"
+            )
         rows.append(f"| samples | {self.num_samples} |")
         hist = " / ".join(f"{100 * r:.0f}" for r in self.exit_rates)
         return "\n".join(rows) + f"\n\nExit histogram (% of samples per exit): {hist}\n"

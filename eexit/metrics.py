@@ -45,8 +45,9 @@ Binning = Literal["width", "mass"]
 
 def _check_tensor(x: object, name: str) -> Tensor:
     if not isinstance(x, Tensor):
-        raise EexitTypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}. "
-                             "Fix: wrap it with torch.as_tensor(...).")
+        raise EexitTypeError(
+            f"{name}: expected a torch.Tensor, got {type(x).__name__}. Fix: wrap it with torch.as_tensor(...)."
+        )
     return x
 
 
@@ -55,13 +56,17 @@ def _check_logits(logits: object, name: str, ndim: int) -> Tensor:
     logits = _check_tensor(logits, name)
     shape = "[N, C]" if ndim == 2 else "[E, N, C]"
     if logits.ndim != ndim:
-        raise EexitValueError(f"{name}: expected shape {shape}, got {tuple(logits.shape)}. Fix: pass logits "
-                              "with samples and classes as the last two dims.")
+        raise EexitValueError(
+            f"{name}: expected shape {shape}, got {tuple(logits.shape)}. Fix: pass logits "
+            "with samples and classes as the last two dims."
+        )
     if not logits.is_floating_point():
         raise EexitTypeError(f"{name}: expected floating-point logits, got {logits.dtype}. Fix: .float().")
     if logits.numel() == 0:
-        raise EexitValueError(f"{name}: expected a non-empty {shape} tensor, got {tuple(logits.shape)}. "
-                              "Fix: evaluate on at least one sample with at least one class.")
+        raise EexitValueError(
+            f"{name}: expected a non-empty {shape} tensor, got {tuple(logits.shape)}. "
+            "Fix: evaluate on at least one sample with at least one class."
+        )
     if not bool(torch.isfinite(logits).all()):
         raise EexitValueError(f"{name}: expected finite logits, got NaN or inf. Fix: check the model output.")
     return logits
@@ -73,21 +78,27 @@ def _check_index(x: object, name: str, n: int, upper: int, what: str) -> Tensor:
     if x.dtype == torch.bool or x.is_floating_point() or x.is_complex():
         raise EexitTypeError(f"{name}: expected an integer tensor, got {x.dtype}. Fix: .long().")
     if x.ndim != 1 or x.numel() != n:
-        raise EexitValueError(f"{name}: expected shape [{n}] (one {what} per sample), got {tuple(x.shape)}. "
-                              "Fix: pass as many entries as there are samples, in the same order.")
+        raise EexitValueError(
+            f"{name}: expected shape [{n}] (one {what} per sample), got {tuple(x.shape)}. "
+            "Fix: pass as many entries as there are samples, in the same order."
+        )
     if n == 0:
         raise EexitValueError(f"{name}: expected at least one sample, got none. Fix: pass a non-empty split.")
     lo, hi = int(x.min()), int(x.max())
     if lo < 0 or hi >= upper:
-        raise EexitValueError(f"{name}: expected every {what} in [0, {upper}), got values in [{lo}, {hi}]. "
-                              f"Fix: use 0-based {what}s and check the number of classes/exits.")
+        raise EexitValueError(
+            f"{name}: expected every {what} in [0, {upper}), got values in [{lo}, {hi}]. "
+            f"Fix: use 0-based {what}s and check the number of classes/exits."
+        )
     return x
 
 
 def _check_alpha(alpha: float) -> float:
     if not isinstance(alpha, (int, float)) or not 0.0 < float(alpha) < 1.0:
-        raise EexitValueError(f"alpha: expected a miscoverage level strictly between 0 and 1, got {alpha!r}. "
-                              "Fix: pass e.g. alpha=0.05 for 95% coverage.")
+        raise EexitValueError(
+            f"alpha: expected a miscoverage level strictly between 0 and 1, got {alpha!r}. "
+            "Fix: pass e.g. alpha=0.05 for 95% coverage."
+        )
     return float(alpha)
 
 
@@ -96,11 +107,15 @@ def _as_float_vector(x: Tensor | Sequence[float], name: str) -> Tensor:
     try:
         v = torch.as_tensor(x, dtype=torch.float64)
     except (TypeError, ValueError, RuntimeError) as err:
-        raise EexitTypeError(f"{name}: expected a 1-D sequence or tensor of numbers, got {type(x).__name__} "
-                             f"({err}). Fix: pass a list of floats or a 1-D tensor.") from err
+        raise EexitTypeError(
+            f"{name}: expected a 1-D sequence or tensor of numbers, got {type(x).__name__} "
+            f"({err}). Fix: pass a list of floats or a 1-D tensor."
+        ) from err
     if v.ndim != 1 or v.numel() == 0:
-        raise EexitValueError(f"{name}: expected a non-empty 1-D sequence, got shape {tuple(v.shape)}. "
-                              "Fix: pass one value per exit / operating point.")
+        raise EexitValueError(
+            f"{name}: expected a non-empty 1-D sequence, got shape {tuple(v.shape)}. "
+            "Fix: pass one value per exit / operating point."
+        )
     if not bool(torch.isfinite(v).all()):
         raise EexitValueError(f"{name}: expected finite values, got {v.tolist()}. Fix: drop NaN/inf entries.")
     return v
@@ -126,8 +141,7 @@ def exit_rates(exit_index: Tensor, num_exits: int) -> Tensor:
         num_exits: E, the number of exits (the last one is the backbone's own head).
     """
     if not isinstance(num_exits, int) or num_exits < 1:
-        raise EexitValueError(f"num_exits: expected an int >= 1, got {num_exits!r}. "
-                              "Fix: pass len(exit_costs).")
+        raise EexitValueError(f"num_exits: expected an int >= 1, got {num_exits!r}. Fix: pass len(exit_costs).")
     n = exit_index.numel() if isinstance(exit_index, Tensor) else -1
     exit_index = _check_index(exit_index, "exit_index", n, num_exits, "exit")
     return torch.bincount(exit_index, minlength=num_exits).double() / n  # [E]
@@ -171,8 +185,10 @@ def expected_cost(exit_index: Tensor, exit_costs: Tensor | Sequence[float]) -> f
     """
     costs = _as_float_vector(exit_costs, "exit_costs")
     if bool((costs < 0).any()):
-        raise EexitValueError(f"exit_costs: expected non-negative costs, got {costs.tolist()}. "
-                              "Fix: pass the cost table's cumulative FLOPs.")
+        raise EexitValueError(
+            f"exit_costs: expected non-negative costs, got {costs.tolist()}. "
+            "Fix: pass the cost table's cumulative FLOPs."
+        )
     return float((exit_rates(exit_index, costs.numel()).cpu() * costs).sum())  # [E] -> scalar
 
 
@@ -200,19 +216,24 @@ def area_under_curve(
     c = _as_float_vector(costs, "costs")
     a = _as_float_vector(accuracies, "accuracies")
     if c.numel() != a.numel():
-        raise EexitValueError(f"costs and accuracies: expected the same length, got {c.numel()} and "
-                              f"{a.numel()}. Fix: pass one accuracy per operating point.")
+        raise EexitValueError(
+            f"costs and accuracies: expected the same length, got {c.numel()} and "
+            f"{a.numel()}. Fix: pass one accuracy per operating point."
+        )
     if not isinstance(cost_range, (tuple, list)) or len(cost_range) != 2:
-        raise EexitValueError(f"cost_range: expected a (lo, hi) pair, got {cost_range!r}. "
-                              "Fix: pass cost_range=(lo, hi).")
+        raise EexitValueError(
+            f"cost_range: expected a (lo, hi) pair, got {cost_range!r}. Fix: pass cost_range=(lo, hi)."
+        )
     lo, hi = float(cost_range[0]), float(cost_range[1])
     c_min, c_max = c.min().item(), c.max().item()
     if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
         raise EexitValueError(f"cost_range: expected finite lo < hi, got ({lo}, {hi}). Fix: widen the range.")
     if lo < c_min or hi > c_max:
-        raise EexitValueError(f"cost_range: expected a range inside the curve's costs [{c_min}, {c_max}], "
-                              f"got ({lo}, {hi}). "
-                              "Fix: narrow the range or add operating points that cover it.")
+        raise EexitValueError(
+            f"cost_range: expected a range inside the curve's costs [{c_min}, {c_max}], "
+            f"got ({lo}, {hi}). "
+            "Fix: narrow the range or add operating points that cover it."
+        )
     order = torch.argsort(c, stable=True)
     xs, ys = c[order].tolist(), torch.cummax(a[order], dim=0).values.tolist()  # running best: monotone
     # Points with equal cost keep the last (largest) running maximum, so the curve is a function of cost.
@@ -250,9 +271,7 @@ class ReliabilityBins:
     count: Tensor
 
 
-def reliability_bins(
-    logits: Tensor, labels: Tensor, n_bins: int = 15, binning: Binning = "width"
-) -> ReliabilityBins:
+def reliability_bins(logits: Tensor, labels: Tensor, n_bins: int = 15, binning: Binning = "width") -> ReliabilityBins:
     """Bin the samples by confidence for a reliability diagram or the ECE.
 
     Confidence is the max of ONE softmax of ``logits``. Bins are right-closed, (lo, hi]:
@@ -277,8 +296,9 @@ def reliability_bins(
     if isinstance(n_bins, bool) or not isinstance(n_bins, int) or n_bins < 1:
         raise EexitValueError(f"n_bins: expected an int >= 1, got {n_bins!r}. Fix: use the default 15.")
     if binning not in ("width", "mass"):
-        raise EexitValueError(f"binning: expected 'width' or 'mass', got {binning!r}. "
-                              "Fix: use binning='mass' for quantile bins.")
+        raise EexitValueError(
+            f"binning: expected 'width' or 'mass', got {binning!r}. Fix: use binning='mass' for quantile bins."
+        )
     probs = logits.double().softmax(dim=1)  # [N, C], the one and only softmax
     conf, pred = probs.max(dim=1)  # [N], [N]
     correct = (pred == labels).double()  # [N]
@@ -297,9 +317,7 @@ def reliability_bins(
     return ReliabilityBins(edges=edges, confidence=sum_conf / count, accuracy=sum_corr / count, count=count)
 
 
-def expected_calibration_error(
-    logits: Tensor, labels: Tensor, n_bins: int = 15, binning: Binning = "width"
-) -> float:
+def expected_calibration_error(logits: Tensor, labels: Tensor, n_bins: int = 15, binning: Binning = "width") -> float:
     """Expected calibration error Σ_m |B_m|/N · |acc(B_m) − conf(B_m)| over the whole set, in [0, 1].
 
     Computed once on all N samples (never averaged over mini-batches, which biases it upward), from one
@@ -337,11 +355,12 @@ def conformal_quantile(scores: Tensor, alpha: float) -> float:
     scores = _check_tensor(scores, "scores")
     alpha = _check_alpha(alpha)
     if scores.ndim != 1 or scores.numel() == 0:
-        raise EexitValueError(f"scores: expected a non-empty 1-D tensor, got shape {tuple(scores.shape)}. "
-                              "Fix: pass one score per calibration sample.")
+        raise EexitValueError(
+            f"scores: expected a non-empty 1-D tensor, got shape {tuple(scores.shape)}. "
+            "Fix: pass one score per calibration sample."
+        )
     if bool(torch.isnan(scores).any()):
-        raise EexitValueError("scores: expected no NaN, got some. "
-                              "Fix: check the probabilities they come from.")
+        raise EexitValueError("scores: expected no NaN, got some. Fix: check the probabilities they come from.")
     n = scores.numel()
     k = math.ceil((n + 1) * (1.0 - alpha) - 1e-9)
     if k > n:
@@ -377,8 +396,7 @@ def conformal_calibrate(
     exit_index = _check_index(exit_index, "exit_index", n, e, "exit").to(logits.device)
     alpha = _check_alpha(alpha)
     if isinstance(min_samples, bool) or not isinstance(min_samples, int) or min_samples < 0:
-        raise EexitValueError(f"min_samples: expected an int >= 0, got {min_samples!r}. "
-                              "Fix: use the default 20.")
+        raise EexitValueError(f"min_samples: expected an int >= 0, got {min_samples!r}. Fix: use the default 20.")
     probs = logits.double().softmax(dim=2)  # [E, N, C]
     scores = 1.0 - probs.gather(2, labels.view(1, n, 1).expand(e, n, 1)).squeeze(2)  # [E, N]
     qhat = torch.empty(e, dtype=torch.float64)
@@ -407,8 +425,10 @@ def conformal_sets(logits: Tensor, exit_index: Tensor, qhat: Tensor) -> Tensor:
     logits = _check_logits(logits, "logits", 2)
     qhat = _check_tensor(qhat, "qhat")
     if qhat.ndim != 1 or qhat.numel() == 0 or bool(torch.isnan(qhat).any()):
-        raise EexitValueError(f"qhat: expected a non-empty 1-D tensor without NaN (one quantile per exit), "
-                              f"got shape {tuple(qhat.shape)}. Fix: pass the output of conformal_calibrate.")
+        raise EexitValueError(
+            f"qhat: expected a non-empty 1-D tensor without NaN (one quantile per exit), "
+            f"got shape {tuple(qhat.shape)}. Fix: pass the output of conformal_calibrate."
+        )
     exit_index = _check_index(exit_index, "exit_index", logits.shape[0], qhat.numel(), "exit")
     scores = 1.0 - logits.double().softmax(dim=1)  # [N, C]
     limit = qhat.double().to(logits.device)[exit_index.to(logits.device)]  # [N]

@@ -158,16 +158,20 @@ class EarlyExitModel(nn.Module):
         unexpected = sorted(set(state) - set(own))
         wrong = sorted(k for k in set(own) & set(state) if tuple(own[k].shape) != tuple(state[k].shape))
         if missing or unexpected or wrong:
-            details = [f"missing keys {missing}" if missing else "", f"unexpected keys {unexpected}" if unexpected else ""]
+            details = [
+                f"missing keys {missing}" if missing else "",
+                f"unexpected keys {unexpected}" if unexpected else "",
+            ]
             details += [f"{k}: expected shape {tuple(own[k].shape)}, got {tuple(state[k].shape)}" for k in wrong]
             raise EexitValueError(
-                "adapter tensors do not fit this model: " + "; ".join(d for d in details if d)
+                "adapter tensors do not fit this model: "
+                + "; ".join(d for d in details if d)
                 + ". Was the adapter saved for another backbone, exit placement or class count?"
             )
         with torch.no_grad():
             for name, module in (("heads", self.heads), ("gates", self.gates)):
                 prefix = f"{name}."
-                module.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+                module.load_state_dict({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)})
 
     # ------------------------------------------------------------------ named adapters
     @property
@@ -176,8 +180,12 @@ class EarlyExitModel(nn.Module):
         return sorted({self.active_adapter, *self._stored_adapters})
 
     def _adapter_record(self) -> dict[str, Any]:
-        return {"state": self.adapter_state_dict(), "fit_config": self.fit_config, "history": list(self.history),
-                "evaluation": self.evaluation}
+        return {
+            "state": self.adapter_state_dict(),
+            "fit_config": self.fit_config,
+            "history": list(self.history),
+            "evaluation": self.evaluation,
+        }
 
     def add_adapter(self, name: str, record: dict[str, Any] | None = None) -> None:
         """Store an adapter under ``name`` without activating it.
@@ -328,8 +336,10 @@ class EarlyExitModel(nn.Module):
         got = tuple(pixel_values.shape[1:])
         if any(e is not None and e != g for e, g in zip(expected, got)):
             shown = tuple("any" if e is None else e for e in expected)
-            raise EexitValueError(f"expected images of shape [B, {', '.join(map(str, shown))}], got {tuple(pixel_values.shape)}; "
-                                  "resize or crop them to the backbone's input size.")
+            raise EexitValueError(
+                f"expected images of shape [B, {', '.join(map(str, shown))}], got {tuple(pixel_values.shape)}; "
+                "resize or crop them to the backbone's input size."
+            )
         return pixel_values
 
     def _call_backbone(self, run: _Run, pixel_values: torch.Tensor) -> torch.Tensor | None:
@@ -385,16 +395,23 @@ class EarlyExitModel(nn.Module):
         if all_exits:
             return self._run_all_exits(pixel_values)
         batch, device = pixel_values.shape[0], pixel_values.device
-        run = _Run(owner=self, mode="early", state=ExitState.start(batch, device),
-                   policy=policy or GatePolicy(self.config.threshold))
+        run = _Run(
+            owner=self,
+            mode="early",
+            state=ExitState.start(batch, device),
+            policy=policy or GatePolicy(self.config.threshold),
+        )
         run.out_exit = torch.full((batch,), self.num_exits - 1, dtype=torch.long, device=device)
         final = self._call_backbone(run, pixel_values)
         if final is not None:
             if run.out_logits is None:
                 run.out_logits = final.new_zeros(batch, final.shape[-1])
             run.out_logits[run.state.positions] = final.to(run.out_logits.dtype)  # type: ignore[union-attr]
-        costs = torch.tensor(self.cost_table.exit_flops, dtype=torch.float64, device=device) if self.cost_table \
+        costs = (
+            torch.tensor(self.cost_table.exit_flops, dtype=torch.float64, device=device)
+            if self.cost_table
             else torch.zeros(self.num_exits, dtype=torch.float64, device=device)
+        )
         return EarlyExitOutput(logits=run.out_logits, exit_index=run.out_exit, cost=costs[run.out_exit])
 
     def extra_repr(self) -> str:

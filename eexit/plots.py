@@ -35,8 +35,9 @@ def plot_accuracy_cost(
     markers = "osD^vP*X"
     for i, (name, points) in enumerate(curves.items()):
         pts = sorted(points)
-        ax.plot([c for c, _ in pts], [100 * a for _, a in pts], marker=markers[i % len(markers)], ms=4, lw=1.2,
-                label=name)
+        ax.plot(
+            [c for c, _ in pts], [100 * a for _, a in pts], marker=markers[i % len(markers)], ms=4, lw=1.2, label=name
+        )
     if reference is not None:
         ax.scatter([reference[0]], [100 * reference[1]], marker="*", s=160, c="k", zorder=5, label="full backbone")
     ax.set_xlabel(xlabel)

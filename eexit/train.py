@@ -84,8 +84,14 @@ def _make_optimizer(ee: EarlyExitModel, config: FitConfig) -> torch.optim.Optimi
     return torch.optim.SGD(groups, momentum=config.momentum, weight_decay=config.weight_decay)
 
 
-def _loss(out: AllExitsOutput, labels: torch.Tensor, phase: Phase, ee: EarlyExitModel, config: FitConfig,
-          pos_weight: torch.Tensor) -> torch.Tensor:
+def _loss(
+    out: AllExitsOutput,
+    labels: torch.Tensor,
+    phase: Phase,
+    ee: EarlyExitModel,
+    config: FitConfig,
+    pos_weight: torch.Tensor,
+) -> torch.Tensor:
     ce = per_exit_ce(out.logits, labels)  # [E, B]
     trainable = torch.ones(ee.num_exits, dtype=torch.bool, device=ce.device)
     if ee.has_backbone_head and not config.train_backbone:
@@ -100,12 +106,20 @@ def _loss(out: AllExitsOutput, labels: torch.Tensor, phase: Phase, ee: EarlyExit
         weights = WEIGHTINGS[config.im_weighting](ce, probs)
     if not trainable.all():
         # Renormalise over the exits that learn, so dropping the frozen head does not shrink the loss scale.
-        weights = weights * trainable.unsqueeze(1) / (weights * trainable.unsqueeze(1)).sum(0, keepdim=True).clamp(min=1e-12)
+        weights = (
+            weights * trainable.unsqueeze(1) / (weights * trainable.unsqueeze(1)).sum(0, keepdim=True).clamp(min=1e-12)
+        )
     return im_loss(ce, weights, trainable)
 
 
-def _batches(ee: EarlyExitModel, source: FeatureCache | Iterable[Any], config: FitConfig, shuffle: bool,
-             generator: torch.Generator, grad: bool) -> Iterator[tuple[AllExitsOutput, torch.Tensor]]:
+def _batches(
+    ee: EarlyExitModel,
+    source: FeatureCache | Iterable[Any],
+    config: FitConfig,
+    shuffle: bool,
+    generator: torch.Generator,
+    grad: bool,
+) -> Iterator[tuple[AllExitsOutput, torch.Tensor]]:
     """All-exit outputs and labels per batch, from the cache or from the loader."""
     if isinstance(source, FeatureCache):
         for feats, final, labels in source.batches(config.batch_size, shuffle, generator):
@@ -122,7 +136,9 @@ def _batches(ee: EarlyExitModel, source: FeatureCache | Iterable[Any], config: F
 
 
 @torch.no_grad()
-def validate(ee: EarlyExitModel, source: FeatureCache | Iterable[Any], config: FitConfig) -> tuple[dict[str, float], torch.Tensor]:
+def validate(
+    ee: EarlyExitModel, source: FeatureCache | Iterable[Any], config: FitConfig
+) -> tuple[dict[str, float], torch.Tensor]:
     """Validation metrics under the deterministic exit rule, and each sample's best exit l* (for r_j).
 
     Returns:
@@ -232,8 +248,13 @@ def fit(
     return history
 
 
-def _fit_loop(ee: EarlyExitModel, train_loader: Iterable[Any], val_loader: Iterable[Any], config: FitConfig,
-              generator: torch.Generator) -> list[dict[str, float]]:
+def _fit_loop(
+    ee: EarlyExitModel,
+    train_loader: Iterable[Any],
+    val_loader: Iterable[Any],
+    config: FitConfig,
+    generator: torch.Generator,
+) -> list[dict[str, float]]:
     train_src: FeatureCache | Iterable[Any] = train_loader
     val_src: FeatureCache | Iterable[Any] = val_loader
     if _use_cache(ee, train_loader, config):

@@ -19,16 +19,29 @@ def tiny_timm_vit(**kwargs) -> nn.Module:
 
 def tiny_timm_deit_distilled() -> nn.Module:
     return timm.create_model(
-        "deit_tiny_distilled_patch16_224", pretrained=False, img_size=IMG, patch_size=8, embed_dim=32, depth=4,
-        num_heads=2, num_classes=5,
+        "deit_tiny_distilled_patch16_224",
+        pretrained=False,
+        img_size=IMG,
+        patch_size=8,
+        embed_dim=32,
+        depth=4,
+        num_heads=2,
+        num_classes=5,
     )
 
 
 def _hf_vit_config(**kwargs):
     from transformers import ViTConfig
 
-    cfg = dict(image_size=IMG, patch_size=8, hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
-               intermediate_size=64, num_labels=5)
+    cfg = dict(
+        image_size=IMG,
+        patch_size=8,
+        hidden_size=32,
+        num_hidden_layers=4,
+        num_attention_heads=2,
+        intermediate_size=64,
+        num_labels=5,
+    )
     cfg.update(kwargs)
     return ViTConfig(**cfg)
 

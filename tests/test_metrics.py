@@ -37,8 +37,17 @@ from eexit.metrics import (
 #   ECE = (1·.35 + 2·.025 + 1·.3 + 2·.375) / 6 = 1.45 / 6
 # Equal mass, 3 bins of 2 sorted confidences: {.35 no, .45 yes} |.5 - .4| = .1, {.50 no, .70 yes}
 #   |.5 - .6| = .1, {.85 no, .90 yes} |.5 - .875| = .375; ECE = 2 · (.1 + .1 + .375) / 6 = .575 / 3
-PROBS = torch.tensor([[0.90, 0.05, 0.05], [0.85, 0.10, 0.05], [0.10, 0.70, 0.20],
-                      [0.25, 0.25, 0.50], [0.30, 0.45, 0.25], [0.33, 0.32, 0.35]], dtype=torch.float64)
+PROBS = torch.tensor(
+    [
+        [0.90, 0.05, 0.05],
+        [0.85, 0.10, 0.05],
+        [0.10, 0.70, 0.20],
+        [0.25, 0.25, 0.50],
+        [0.30, 0.45, 0.25],
+        [0.33, 0.32, 0.35],
+    ],
+    dtype=torch.float64,
+)
 LOGITS = PROBS.log() + torch.tensor([[3.0], [-1.0], [0.5], [0.0], [7.0], [-2.0]], dtype=torch.float64)
 LABELS = torch.tensor([0, 2, 1, 0, 1, 1])
 
@@ -92,7 +101,8 @@ def test_mass_bins_keep_ties_together_and_ignore_order() -> None:
     assert bins.count.tolist() == [3, 1]
     perm = torch.tensor([2, 3, 1, 0])
     assert expected_calibration_error(logits[perm], labels[perm], 2, "mass") == pytest.approx(
-        expected_calibration_error(logits, labels, 2, "mass"))
+        expected_calibration_error(logits, labels, 2, "mass")
+    )
 
 
 def test_mass_bins_with_fewer_samples_than_bins() -> None:

@@ -82,9 +82,7 @@ def _save_official(path, model: DynPerceiver, ema: DynPerceiver, *, module_prefi
 
 
 @pytest.mark.parametrize(("name", "classes", "params", "keys"), PRESET_FINGERPRINTS)
-def test_released_presets_match_parameter_and_key_counts(
-    name: str, classes: int, params: int, keys: int
-) -> None:
+def test_released_presets_match_parameter_and_key_counts(name: str, classes: int, params: int, keys: int) -> None:
     model = timm.create_model(name, num_classes=classes)
     assert sum(p.numel() for p in model.parameters()) == params
     assert len(model.state_dict()) == keys
@@ -144,9 +142,7 @@ def test_timm_registration_and_names() -> None:
     # timm keeps the released mixed-case name as is; the lower-case alias builds the same architecture.
     mixed = timm.create_model("mobilenetV3_0x75_perceiver_t128", num_classes=10)
     lower = timm.create_model("mobilenetv3_0x75_perceiver_t128", num_classes=10)
-    assert {k: v.shape for k, v in mixed.state_dict().items()} == {
-        k: v.shape for k, v in lower.state_dict().items()
-    }
+    assert {k: v.shape for k, v in mixed.state_dict().items()} == {k: v.shape for k, v in lower.state_dict().items()}
     assert isinstance(timm.create_model("dyn_perceiver_tiny"), DynPerceiver)
 
 
@@ -199,8 +195,7 @@ def test_ablation_flags_build_and_run(flags: dict[str, bool]) -> None:
     model = _tiny(**flags)
     assert all(y.shape == (2, 5) for y in model(_images(batch=2)))
     assert all(
-        torch.equal(a, b)
-        for a, b in zip(model(_images(batch=2)), _run_stages(model, _images(batch=2)), strict=True)
+        torch.equal(a, b) for a, b in zip(model(_images(batch=2)), _run_stages(model, _images(batch=2)), strict=True)
     )
 
 

@@ -58,9 +58,14 @@ def test_geometric_exit_distribution() -> None:
 #   exit 1:      .00  .50  .99  .60  .95  .70  .10  .55   among s1 s3 s4 s5 s6 s7: top 2 s4 (.95), s5 (.70)
 #                                                         -> T1 = .70 (s2's .99 does not count: it left)
 # exits: s0 0, s1 2, s2 0, s3 2, s4 1, s5 1, s6 2, s7 2. ("2 of the 6 remaining"·.25 would let only 1 leave.)
-HAND = torch.tensor([[0.90, 0.20, 0.80, 0.30, 0.70, 0.10, 0.60, 0.40],
-                     [0.00, 0.50, 0.99, 0.60, 0.95, 0.70, 0.10, 0.55],
-                     [0.30, 0.30, 0.30, 0.30, 0.30, 0.30, 0.30, 0.30]], dtype=torch.float64)
+HAND = torch.tensor(
+    [
+        [0.90, 0.20, 0.80, 0.30, 0.70, 0.10, 0.60, 0.40],
+        [0.00, 0.50, 0.99, 0.60, 0.95, 0.70, 0.10, 0.55],
+        [0.30, 0.30, 0.30, 0.30, 0.30, 0.30, 0.30, 0.30],
+    ],
+    dtype=torch.float64,
+)
 
 
 def test_fit_budgeted_thresholds_hand_example() -> None:
@@ -112,14 +117,13 @@ def _toy_model(n: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor
     """Three exits that see the label ever more clearly (later = more accurate and more confident)."""
     labels = torch.randint(0, 5, (n,), generator=gen)
     signal = torch.nn.functional.one_hot(labels, 5).double()  # [N, C]
-    logits = torch.stack([s * signal + torch.randn(n, 5, generator=gen, dtype=torch.float64)
-                          for s in (0.5, 1.5, 3.0)])  # [E, N, C]
+    logits = torch.stack(
+        [s * signal + torch.randn(n, 5, generator=gen, dtype=torch.float64) for s in (0.5, 1.5, 3.0)]
+    )  # [E, N, C]
     return logits, labels
 
 
-def _loop_evaluate(
-    logits: torch.Tensor, labels: torch.Tensor, thresholds: list[float]
-) -> tuple[float, list[int]]:
+def _loop_evaluate(logits: torch.Tensor, labels: torch.Tensor, thresholds: list[float]) -> tuple[float, list[int]]:
     """Independent per-sample loop (the protocol as written in MSDNet's code)."""
     conf = logits.softmax(2).amax(2)
     e, n, _ = logits.shape

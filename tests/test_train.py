@@ -22,7 +22,9 @@ def _separable_data(n: int = 96, seed: int = 0) -> TensorDataset:
 
 
 def _loaders(n: int = 96):
-    return DataLoader(_separable_data(n), batch_size=32, shuffle=True), DataLoader(_separable_data(64, 1), batch_size=32)
+    return DataLoader(_separable_data(n), batch_size=32, shuffle=True), DataLoader(
+        _separable_data(64, 1), batch_size=32
+    )
 
 
 def test_phase_schedule():
@@ -42,8 +44,20 @@ def test_fit_learns(im_weighting, cache):
     with torch.no_grad():
         before = torch.nn.functional.cross_entropy(ee(x, all_exits=True).logits[0], y)
     gates_before = ee.gates[0].linear.weight.detach().clone()
-    history = eexit.fit(ee, train, val, lam=0.1, epochs=8, warmup_epochs=2, phase_batches=2, lr=0.05,
-                        im_weighting=im_weighting, cache_features=cache, select="last", progress=False)
+    history = eexit.fit(
+        ee,
+        train,
+        val,
+        lam=0.1,
+        epochs=8,
+        warmup_epochs=2,
+        phase_batches=2,
+        lr=0.05,
+        im_weighting=im_weighting,
+        cache_features=cache,
+        select="last",
+        progress=False,
+    )
     with torch.no_grad():
         after = torch.nn.functional.cross_entropy(ee(x, all_exits=True).logits[0], y)
     assert after < before
@@ -63,8 +77,19 @@ def test_larger_lambda_exits_earlier():
     x = torch.cat([b[0] for b in val])
     costs = []
     for lam in (0.0, 50.0):  # at λ = 50 cost dominates CE: every sample is best off at exit 0
-        eexit.fit(ee, train, val, lam=lam, epochs=30, warmup_epochs=3, phase_batches=3, lr=0.02, optimizer="adamw",
-                  weight_decay=0.0, progress=False)
+        eexit.fit(
+            ee,
+            train,
+            val,
+            lam=lam,
+            epochs=30,
+            warmup_epochs=3,
+            phase_batches=3,
+            lr=0.02,
+            optimizer="adamw",
+            weight_decay=0.0,
+            progress=False,
+        )
         with torch.no_grad():
             costs.append(ee(x).cost.mean().item())
     assert costs[1] < costs[0]
@@ -74,8 +99,19 @@ def test_train_backbone_changes_it_and_refreezes():
     ee = eexit.attach(tiny_timm_vit())
     before = [p.detach().clone() for p in ee.backbone.parameters()]
     train, val = _loaders()
-    eexit.fit(ee, train, val, lam=0.1, epochs=2, warmup_epochs=1, phase_batches=2, train_backbone=True,
-              backbone_lr=0.01, select="last", progress=False)
+    eexit.fit(
+        ee,
+        train,
+        val,
+        lam=0.1,
+        epochs=2,
+        warmup_epochs=1,
+        phase_batches=2,
+        train_backbone=True,
+        backbone_lr=0.01,
+        select="last",
+        progress=False,
+    )
     assert any(not torch.equal(a, b) for a, b in zip(before, ee.backbone.parameters()))
     assert not any(p.requires_grad for p in ee.backbone.parameters())
     assert not ee.backbone.training
@@ -97,7 +133,7 @@ def test_negative_lambda():
 
 def test_empty_loaders():
     ee = eexit.attach(tiny_timm_vit())
-    train, val = _loaders()
+    _, val = _loaders()
     with pytest.raises(EexitValueError, match="empty"):
         eexit.fit(ee, [], val, progress=False)
     with pytest.raises(EexitValueError, match="no batch"):

@@ -156,4 +156,3 @@ def resolve_module(model: nn.Module, path: str) -> nn.Module:
         return model.get_submodule(path)
     except AttributeError as err:
         raise BackboneError(f"{type(model).__name__} has no submodule {path!r} ({err}).") from None
-

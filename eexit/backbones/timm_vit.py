@@ -62,8 +62,10 @@ class TimmViTSpec(BackboneSpec):
     def describe(self, model: nn.Module) -> dict[str, Any]:
         info = super().describe(model)
         cfg = getattr(model, "pretrained_cfg", None) or {}
+        # timm's pretrained tag names a weight set, not a commit: keep it apart from `revision`.
         info["base_model"] = cfg.get("hf_hub_id") or cfg.get("architecture")
-        info["revision"] = cfg.get("tag")
+        info["revision"] = None
+        info["pretrained_tag"] = cfg.get("tag")
         return info
 
 

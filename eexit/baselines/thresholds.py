@@ -50,8 +50,10 @@ def _probs(logits: Tensor) -> Tensor:
     if not logits.is_floating_point():
         raise EexitTypeError(f"logits: expected floating-point logits, got {logits.dtype}. Fix: .float().")
     if logits.ndim < 1 or logits.shape[-1] < 1:
-        raise EexitValueError(f"logits: expected logits [..., C] with C >= 1, got shape "
-                              f"{tuple(logits.shape)}. Fix: pass raw logits, classes last.")
+        raise EexitValueError(
+            f"logits: expected logits [..., C] with C >= 1, got shape "
+            f"{tuple(logits.shape)}. Fix: pass raw logits, classes last."
+        )
     return logits.double().softmax(dim=-1)  # [..., C]
 
 
@@ -70,8 +72,10 @@ def margin(logits: Tensor) -> Tensor:
     """Top-1 minus top-2 softmax probability, in [0, 1]; higher = more confident. [..., C>=2] -> [...]."""
     p = _probs(logits)  # [..., C]
     if p.shape[-1] < 2:
-        raise EexitValueError(f"logits: margin expected at least 2 classes, got C = {p.shape[-1]}. "
-                              "Fix: use max_probability or negative_entropy.")
+        raise EexitValueError(
+            f"logits: margin expected at least 2 classes, got C = {p.shape[-1]}. "
+            "Fix: use max_probability or negative_entropy."
+        )
     top2 = p.topk(2, dim=-1).values  # [..., 2]
     return top2[..., 0] - top2[..., 1]
 
@@ -94,8 +98,7 @@ def geometric_exit_distribution(p: float, num_exits: int, base: float = 20) -> T
         raise EexitValueError(f"num_exits: expected an int >= 1, got {num_exits!r}.")
     for name, v in (("p", p), ("base", base)):
         if not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
-            raise EexitValueError(f"{name}: expected a finite number > 0, got {v!r}. "
-                                  "Fix: e.g. p=10, base=20.")
+            raise EexitValueError(f"{name}: expected a finite number > 0, got {v!r}. Fix: e.g. p=10, base=20.")
     k = torch.arange(1, num_exits + 1, dtype=torch.float64)  # [E]
     return torch.softmax(k * math.log(p / base), dim=0)  # [E]; log space: no overflow for large (p/base)^k
 
@@ -103,12 +106,16 @@ def geometric_exit_distribution(p: float, num_exits: int, base: float = 20) -> T
 def _check_scores(scores: object) -> Tensor:
     scores = _check_tensor(scores, "scores")
     if scores.ndim != 2 or scores.numel() == 0:
-        raise EexitValueError(f"scores: expected a non-empty [E, N] tensor (one confidence per exit and "
-                              f"sample), got shape {tuple(scores.shape)}. "
-                              "Fix: apply a score function to [E, N, C] logits.")
+        raise EexitValueError(
+            f"scores: expected a non-empty [E, N] tensor (one confidence per exit and "
+            f"sample), got shape {tuple(scores.shape)}. "
+            "Fix: apply a score function to [E, N, C] logits."
+        )
     if not scores.is_floating_point() or not bool(torch.isfinite(scores).all()):
-        raise EexitValueError("scores: expected finite floating-point confidences, got NaN/inf or integers. "
-                              "Fix: check the logits and the score function.")
+        raise EexitValueError(
+            "scores: expected finite floating-point confidences, got NaN/inf or integers. "
+            "Fix: check the logits and the score function."
+        )
     return scores
 
 
@@ -133,11 +140,12 @@ def fit_budgeted_thresholds(scores: Tensor, q: Tensor) -> Tensor:
     e, n = scores.shape
     q = _check_tensor(q, "q").double()
     if q.shape != (e,) or not bool(torch.isfinite(q).all()) or bool((q < 0).any()):
-        raise EexitValueError(f"q: expected {e} finite non-negative fractions (one per exit), got shape "
-                              f"{tuple(q.shape)}. Fix: geometric_exit_distribution(p, num_exits={e}).")
+        raise EexitValueError(
+            f"q: expected {e} finite non-negative fractions (one per exit), got shape "
+            f"{tuple(q.shape)}. Fix: geometric_exit_distribution(p, num_exits={e})."
+        )
     if abs(q.sum().item() - 1.0) > 1e-6:
-        raise EexitValueError(f"q: expected fractions summing to 1, got sum {q.sum().item():.6g}. "
-                              "Fix: q / q.sum().")
+        raise EexitValueError(f"q: expected fractions summing to 1, got sum {q.sum().item():.6g}. Fix: q / q.sum().")
     thresholds = torch.full((e,), -math.inf, dtype=torch.float64, device=scores.device)  # [E]
     remaining = torch.ones(n, dtype=torch.bool, device=scores.device)  # [N]
     for k in range(e - 1):
@@ -165,9 +173,11 @@ def apply_thresholds(scores: Tensor, thresholds: Tensor) -> Tensor:
     scores = _check_scores(scores)
     thresholds = _check_tensor(thresholds, "thresholds")
     if thresholds.shape != (scores.shape[0],) or bool(torch.isnan(thresholds).any()):
-        raise EexitValueError(f"thresholds: expected {scores.shape[0]} non-NaN values (one per exit), got "
-                              f"shape {tuple(thresholds.shape)}. "
-                              "Fix: pass the output of fit_budgeted_thresholds.")
+        raise EexitValueError(
+            f"thresholds: expected {scores.shape[0]} non-NaN values (one per exit), got "
+            f"shape {tuple(thresholds.shape)}. "
+            "Fix: pass the output of fit_budgeted_thresholds."
+        )
     passes = scores.double() >= thresholds.double().to(scores.device).unsqueeze(1)  # [E, N]
     passes[-1] = True
     return passes.to(torch.uint8).argmax(dim=0)  # [N]; argmax returns the first maximal index
@@ -220,15 +230,19 @@ def budgeted_curve(
     val = _check_logits(val_logits, "val_logits", 3)
     test = _check_logits(test_logits, "test_logits", 3)
     if val.shape[0] != test.shape[0] or val.shape[2] != test.shape[2]:
-        raise EexitValueError(f"val_logits and test_logits: expected the same exits and classes [E, *, C], "
-                              f"got {tuple(val.shape)} and {tuple(test.shape)}. "
-                              "Fix: use the same model for both.")
+        raise EexitValueError(
+            f"val_logits and test_logits: expected the same exits and classes [E, *, C], "
+            f"got {tuple(val.shape)} and {tuple(test.shape)}. "
+            "Fix: use the same model for both."
+        )
     e, nt, c = test.shape
     labels = _check_index(test_labels, "test_labels", nt, c, "label").to(test.device)
     n_costs = _as_float_vector(exit_costs, "exit_costs").numel()
     if n_costs != e:
-        raise EexitValueError(f"exit_costs: expected {e} costs (one per exit), got {n_costs}. "
-                              "Fix: pass the cost table's cumulative cost of every exit.")
+        raise EexitValueError(
+            f"exit_costs: expected {e} costs (one per exit), got {n_costs}. "
+            "Fix: pass the cost table's cumulative cost of every exit."
+        )
     if isinstance(score, str):
         if score not in SCORES:
             raise EexitValueError(f"score: expected one of {sorted(SCORES)} or a callable, got {score!r}.")
@@ -247,11 +261,13 @@ def budgeted_curve(
         thresholds = fit_budgeted_thresholds(val_scores, geometric_exit_distribution(p, e, base))  # [E]
         exit_index = apply_thresholds(test_scores, thresholds)  # [Nt]
         acc = correct.gather(0, exit_index.unsqueeze(0)).double().mean().item()
-        points.append(OperatingPoint(
-            p=float(p),
-            cost=expected_cost(exit_index, exit_costs),
-            accuracy=acc,
-            exit_fractions=tuple(exit_rates(exit_index, e).tolist()),
-            thresholds=tuple(thresholds.tolist()),
-        ))
+        points.append(
+            OperatingPoint(
+                p=float(p),
+                cost=expected_cost(exit_index, exit_costs),
+                accuracy=acc,
+                exit_fractions=tuple(exit_rates(exit_index, e).tolist()),
+                thresholds=tuple(thresholds.tolist()),
+            )
+        )
     return points

@@ -174,9 +174,7 @@ def save_as_safetensors(
     path = Path(path)
     bad = [k for k, v in state_dict.items() if not isinstance(v, torch.Tensor)]
     if bad:
-        raise CheckpointError(
-            f"Only tensors can be saved as safetensors; non-tensor entries: {_listing(bad)}."
-        )
+        raise CheckpointError(f"Only tensors can be saved as safetensors; non-tensor entries: {_listing(bad)}.")
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}
     path.parent.mkdir(parents=True, exist_ok=True)
     # A unique sibling name rather than mkstemp, whose 0600 mode would survive the rename and surprise users.

@@ -188,9 +188,7 @@ class SelfAttention(nn.Module):
 class SelfAttentionLayer(nn.Module):
     """Pre-norm transformer layer on the latent: residual self-attention, then residual MLP."""
 
-    def __init__(
-        self, num_heads: int, num_channels: int, widening_factor: int = 4, dropout: float = 0.0
-    ) -> None:
+    def __init__(self, num_heads: int, num_channels: int, widening_factor: int = 4, dropout: float = 0.0) -> None:
         super().__init__()
         self.self_attn = SelfAttention(num_heads, num_channels, dropout=dropout)
         self.mlp = MLP(num_channels, widening_factor)

@@ -152,9 +152,7 @@ def _resnet50_0375(num_classes: int, drop_path_rate: float) -> TrunkSpec:
         nn.MaxPool2d(3, stride=2, padding=1),
     )
     stages, widths, in_ch, idx = [], [], stem_width, 0
-    for s, (planes, depth) in enumerate(
-        zip((int(p * mult) for p in (64, 128, 256, 512)), depths, strict=True)
-    ):
+    for s, (planes, depth) in enumerate(zip((int(p * mult) for p in (64, 128, 256, 512)), depths, strict=True)):
         widths.append(in_ch)
         blocks = []
         for b in range(depth):
@@ -302,12 +300,8 @@ class DynPerceiverConfig:
 #: The released ImageNet configurations (README training commands) and a tiny one for tests.
 PRESETS: dict[str, DynPerceiverConfig] = {
     "reg800m_perceiver_t128": DynPerceiverConfig("regnet_y_800mf", depth_factor=(1, 1, 1, 2)),
-    "resnet50_0375_perceiver_t128": DynPerceiverConfig(
-        "resnet50_0375", cnn_drop_rate=0.2, cnn_drop_path_rate=0.2
-    ),
-    "mobilenetV3_0x75_perceiver_t128": DynPerceiverConfig(
-        "mobilenet_v3_large_075", depth_factor=(1, 1, 1, 3)
-    ),
+    "resnet50_0375_perceiver_t128": DynPerceiverConfig("resnet50_0375", cnn_drop_rate=0.2, cnn_drop_path_rate=0.2),
+    "mobilenetV3_0x75_perceiver_t128": DynPerceiverConfig("mobilenet_v3_large_075", depth_factor=(1, 1, 1, 3)),
     "dyn_perceiver_tiny": DynPerceiverConfig(
         "tiny", num_classes=5, num_latents=8, sa_base_layers=(1, 1, 1, 1), sa_widening_factor=2
     ),

@@ -41,9 +41,7 @@ class TokenPerformer(nn.Module):
     non-trainable Parameter so checkpoints carry it; both dropouts are fixed at 0.1 as released.
     """
 
-    def __init__(
-        self, in_dim: int, dim: int, kernel_ratio: float = 0.5, drop: float = 0.1, eps: float = 1e-8
-    ):
+    def __init__(self, in_dim: int, dim: int, kernel_ratio: float = 0.5, drop: float = 0.1, eps: float = 1e-8):
         super().__init__()
         self.dim = dim
         self.eps = eps
@@ -81,11 +79,7 @@ class TokenPerformer(nn.Module):
 
 def _no_autocast(device_type: str) -> torch.autocast | nullcontext[None]:
     """Autocast switched off for ``device_type``; a no-op where autocast does not exist (e.g. "meta")."""
-    return (
-        torch.autocast(device_type, enabled=False)
-        if device_type in ("cpu", "cuda", "xpu", "mps")
-        else nullcontext()
-    )
+    return torch.autocast(device_type, enabled=False) if device_type in ("cpu", "cuda", "xpu", "mps") else nullcontext()
 
 
 class T2TModule(nn.Module):

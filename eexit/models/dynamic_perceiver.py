@@ -126,9 +126,7 @@ class DynPerceiver(nn.Module):
         self.cnn_stem = trunk.stem
         self._body_layout = trunk.body_layout
         if trunk.body_layout == "cnn_body":
-            self.cnn_body = nn.Sequential(
-                OrderedDict((f"block{i + 1}", s) for i, s in enumerate(trunk.stages))
-            )
+            self.cnn_body = nn.Sequential(OrderedDict((f"block{i + 1}", s) for i, s in enumerate(trunk.stages)))
         else:
             for i, stage in enumerate(trunk.stages):
                 self.add_module(f"cnn_body_stage{i + 1}", stage)
@@ -144,9 +142,7 @@ class DynPerceiver(nn.Module):
             if i > 0 and cfg.with_z2x:
                 z2x = CrossAttentionLayer(1, c[i], c[i], c[i] // 8, dropout=cfg.dropout)
                 self.add_module(f"cross_att{i + 1}_z2x", z2x)
-            sa = SelfAttentionBlock(
-                cfg.sa_layers[i], cfg.num_sa_heads[i], c[i], cfg.sa_widening_factor, cfg.dropout
-            )
+            sa = SelfAttentionBlock(cfg.sa_layers[i], cfg.num_sa_heads[i], c[i], cfg.sa_widening_factor, cfg.dropout)
             self.add_module(f"self_att{i + 1}", sa)
         c_out = trunk.out_channels
         self.last_cross_att_z2x = (
@@ -289,9 +285,7 @@ class DynPerceiver(nn.Module):
 
     def _check_input(self, images: Tensor) -> None:
         if not isinstance(images, Tensor):
-            raise EexitTypeError(
-                f"DynPerceiver expects a torch.Tensor of images, got {type(images).__name__}."
-            )
+            raise EexitTypeError(f"DynPerceiver expects a torch.Tensor of images, got {type(images).__name__}.")
         if images.ndim != 4 or images.shape[1] != 3 or not images.is_floating_point():
             raise EexitValueError(
                 f"DynPerceiver expects float images [B, 3, H, W], got {images.dtype} of shape "

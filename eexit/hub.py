@@ -1,0 +1,430 @@
+"""Save, load and share adapters, on disk and on the Hugging Face Hub, the way PEFT users expect.
+
+* :func:`save_pretrained` writes ``eexit_config.json``, ``eexit_adapter.safetensors`` and ``README.md`` (never
+  ``adapter_config.json`` / ``adapter_model.safetensors``, which the Hub reads as PEFT's).
+* :func:`from_pretrained` reads a local folder, else a Hub repo through ``huggingface_hub``, validates both files
+  before touching the model, attaches, loads strictly and checks the backbone fingerprint; on any error the
+  model is detached again, so it is left as it was.
+* :func:`push_to_hub` uploads the three files in one commit; :func:`load_adapter` adds a named adapter.
+
+Several adapters (PEFT's layout): ``save_pretrained(ee, d, selected_adapters=[...])`` writes the adapter named
+``"default"`` to ``d`` and every other one to ``d/<name>/``; each folder is a complete adapter, loaded with
+``subfolder="<name>"``. The file format is documented in ``adapters/README.md``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from torch import nn
+
+from ._fingerprint import backbone_fingerprint, check_fingerprint, check_structure, fingerprint_info, spec_for
+from ._format import (
+    BACKUP_NAME,
+    CARD_NAME,
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    AdapterFiles,
+    SavedAdapter,
+    build_files,
+    read_folder,
+    write_folder,
+)
+from .errors import AdapterError, EexitError
+
+if TYPE_CHECKING:
+    from huggingface_hub import CommitInfo
+
+    from .model import EarlyExitModel
+
+__all__ = [
+    "BACKUP_NAME",
+    "CARD_NAME",
+    "CONFIG_NAME",
+    "WEIGHTS_NAME",
+    "backbone_fingerprint",
+    "from_pretrained",
+    "load_adapter",
+    "push_to_hub",
+    "save_pretrained",
+]
+
+_COMMIT = re.compile(r"^[0-9a-f]{40}$")
+
+
+# ---------------------------------------------------------------------------------------------- saving
+def _record(ee: EarlyExitModel, name: str | None) -> tuple[str, dict[str, Any]]:
+    """The adapter called ``name`` (default: the active one) as ``(name, record)``."""
+    name = ee.active_adapter if name is None else name
+    if name == ee.active_adapter:
+        return name, ee._adapter_record()
+    if name not in ee._stored_adapters:
+        raise AdapterError(f"no adapter named {name!r}; this model holds {ee.adapter_names}.")
+    return name, ee._stored_adapters[name]
+
+
+def _files(ee: EarlyExitModel, name: str | None, base_model: str | None, revision: str | None) -> AdapterFiles:
+    name, record = _record(ee, name)
+    backbone = {"base_model": None, "revision": None, **ee.spec.describe(ee.backbone), **fingerprint_info(ee.backbone)}
+    backbone["family"] = ee.spec.name
+    if base_model is not None:
+        backbone["base_model"] = base_model
+    if revision is not None:
+        backbone["revision"] = revision
+    return build_files(ee, name, record, backbone)
+
+
+def save_pretrained(
+    ee: EarlyExitModel,
+    save_directory: str | os.PathLike[str],
+    *,
+    adapter_name: str | None = None,
+    selected_adapters: Sequence[str] | None = None,
+    safe_serialization: bool = True,
+    is_main_process: bool = True,
+    base_model: str | None = None,
+    base_model_revision: str | None = None,
+) -> Path:
+    """Write an adapter to a folder: ``eexit_config.json``, ``eexit_adapter.safetensors`` and ``README.md``.
+
+    Writes are atomic: an interrupted save leaves the previous adapter loadable. An existing README.md is kept.
+
+    Args:
+        ee: the model holding the adapter.
+        save_directory: the folder (created if needed).
+        adapter_name: which adapter to write (default: the active one), at the folder's root.
+        selected_adapters: write several adapters instead: ``"default"`` at the root, every other one in a
+            subfolder named after it (PEFT's layout).
+        safe_serialization: must be True; eexit writes safetensors only (kept for PEFT-style call sites).
+        is_main_process: under distributed training, pass ``accelerator.is_main_process``; other ranks skip.
+        base_model: the Hub id of the backbone, when the backbone does not record it (stored and put in the card).
+        base_model_revision: the backbone's revision (commit hash) to record with ``base_model``.
+
+    Returns:
+        The folder written.
+    """
+    if not safe_serialization:
+        raise AdapterError(
+            "safe_serialization=False is not supported: eexit adapters are safetensors only, because "
+            "pickles can run code when loaded. Drop the argument."
+        )
+    if adapter_name is not None and selected_adapters is not None:
+        raise AdapterError("pass adapter_name (one adapter at the root) or selected_adapters (several), not both.")
+    root = Path(save_directory).expanduser()
+    if root.exists() and not root.is_dir():
+        raise AdapterError(f"{root} is a file; save_pretrained expects a folder path.")
+    if not is_main_process:
+        return root
+    targets: list[tuple[str | None, Path]] = [(adapter_name, root)]
+    if selected_adapters is not None:
+        if isinstance(selected_adapters, str) or not selected_adapters:
+            raise AdapterError(f"selected_adapters must be a non-empty list of names, got {selected_adapters!r}.")
+        for name in selected_adapters:
+            if name != "default" and (name in (".", "..") or "/" in name or "\\" in name):
+                raise AdapterError(f"adapter name {name!r} cannot be a subfolder name; rename the adapter.")
+        targets = [(name, root if name == "default" else root / name) for name in selected_adapters]
+    built = [(folder, _files(ee, name, base_model, base_model_revision)) for name, folder in targets]
+    for folder, files in built:
+        write_folder(folder, files)
+    return root
+
+
+# ---------------------------------------------------------------------------------------------- locating
+def _is(err: Exception, name: str) -> bool:
+    # huggingface_hub moved its errors from `utils` to `errors` over the 0.2x releases; accept either home.
+    import huggingface_hub.utils
+
+    try:
+        import huggingface_hub.errors as errors
+    except ImportError:
+        errors = huggingface_hub.utils  # type: ignore[assignment]
+    cls = getattr(errors, name, None) or getattr(huggingface_hub.utils, name, None)
+    return cls is not None and isinstance(err, cls)
+
+
+def _hub_error(err: Exception, repo_id: str, revision: str | None) -> AdapterError:
+    """Turn a huggingface_hub error into one that says what happened and what to do."""
+    at = f" at revision {revision!r}" if revision else ""
+    if _is(err, "HFValidationError"):
+        return AdapterError(f"{repo_id!r} is neither a local folder nor a valid Hub repo id ('org/name'): {err}")
+    if _is(err, "RevisionNotFoundError"):
+        return AdapterError(
+            f"the Hub repo {repo_id!r} has no revision {revision!r}; pass an existing branch, tag or commit hash."
+        )
+    if _is(err, "RepositoryNotFoundError"):
+        return AdapterError(
+            f"no Hub repo {repo_id!r} (no local folder by that name either). Check the id; for a "
+            "private or gated repo pass token= or log in with `hf auth login`."
+        )
+    if _is(err, "LocalEntryNotFoundError"):
+        return AdapterError(
+            f"{repo_id!r} is no local folder, and as a Hub repo{at} it is not in the local Hugging "
+            "Face cache while the Hub cannot be reached (offline, HF_HUB_OFFLINE=1 or "
+            "local_files_only=True). Check the path, or connect once to download it."
+        )
+    if _is(err, "EntryNotFoundError"):
+        return AdapterError(
+            f"the Hub repo {repo_id!r}{at} has no {CONFIG_NAME} / {WEIGHTS_NAME}: it is not an eexit "
+            "adapter (PEFT adapters have adapter_config.json; load those with peft)."
+        )
+    return AdapterError(f"could not download the adapter {repo_id!r}{at} from the Hub ({type(err).__name__}: {err}).")
+
+
+def _download(repo_id: str, subfolder: str | None, revision: str | None, **hub: Any) -> Path:
+    from huggingface_hub import hf_hub_download
+
+    from . import __version__
+
+    kwargs = {
+        "repo_id": repo_id,
+        "subfolder": subfolder,
+        "library_name": "eexit",
+        "library_version": __version__,
+        **hub,
+    }
+    try:
+        config = Path(hf_hub_download(filename=CONFIG_NAME, revision=revision, **kwargs))
+        # Pin the tensors to the commit the config came from, so a concurrent push cannot mix two adapters.
+        parts = config.parts
+        commit = next(
+            (parts[i + 1] for i in range(len(parts) - 1) if parts[i] == "snapshots" and _COMMIT.match(parts[i + 1])),
+            revision,
+        )
+        tensors = Path(hf_hub_download(filename=WEIGHTS_NAME, revision=commit, **kwargs))
+    except EexitError:
+        raise
+    except Exception as err:  # any huggingface_hub or network failure, explained
+        raise _hub_error(err, repo_id, revision) from err
+    if tensors.parent != config.parent:
+        raise AdapterError(f"the Hub returned the files of {repo_id!r} from two commits; load it again.")
+    return config.parent
+
+
+def _locate(path_or_repo_id: str | os.PathLike[str], subfolder: str | None, revision: str | None, **hub: Any) -> Path:
+    """The folder holding the adapter's files: a local folder if there is one, else a Hub download."""
+    local = Path(path_or_repo_id).expanduser()
+    if local.is_dir():
+        folder = local / subfolder if subfolder else local
+        if not (folder / CONFIG_NAME).is_file():
+            inside = sorted(p.parent.name for p in local.glob(f"*/{CONFIG_NAME}"))
+            hint = f" It holds adapters in subfolders {inside}: pass subfolder=." if inside else ""
+            if (folder / "adapter_config.json").is_file():
+                hint = " It holds a PEFT adapter (adapter_config.json); load it with peft."
+            raise AdapterError(f"no {CONFIG_NAME} in {folder}; this is not an eexit adapter folder.{hint}")
+        return folder
+    if not isinstance(path_or_repo_id, str) or path_or_repo_id.startswith((".", "/", "~")) or local.is_file():
+        raise AdapterError(
+            f"{str(path_or_repo_id)!r} is not a folder. Pass the folder save_pretrained wrote, or a "
+            "Hub repo id such as 'org/name'."
+        )
+    return _download(path_or_repo_id, subfolder, revision, **hub)
+
+
+def _read(
+    path_or_repo_id: str | os.PathLike[str], subfolder: str | None, revision: str | None, **hub: Any
+) -> tuple[SavedAdapter, dict[str, Any]]:
+    """Find, read and fully validate an adapter's config and tensors (touches no model)."""
+    return read_folder(_locate(path_or_repo_id, subfolder, revision, **hub))
+
+
+def _check_name(adapter_name: object) -> None:
+    if not isinstance(adapter_name, str) or not adapter_name:
+        raise AdapterError(f"adapter_name must be a non-empty string, got {adapter_name!r}.")
+
+
+# ---------------------------------------------------------------------------------------------- loading
+def from_pretrained(
+    model: nn.Module,
+    path_or_repo_id: str | os.PathLike[str],
+    *,
+    revision: str | None = None,
+    adapter_name: str = "default",
+    subfolder: str | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    token: str | bool | None = None,
+    local_files_only: bool = False,
+    ignore_fingerprint: bool = False,
+    **attach_kwargs: Any,
+) -> EarlyExitModel:
+    """Attach a saved adapter to ``model`` and return the early-exit model.
+
+    ``path_or_repo_id`` is tried as a local folder first, then as a Hub repo id. Both files are validated
+    before the model is touched; the tensors are loaded strictly; the backbone's weights must have the
+    fingerprint the adapter recorded. On any error the model is left exactly as it was.
+
+    Args:
+        model: the backbone the adapter was trained on (not an EarlyExitModel).
+        path_or_repo_id: a folder written by :func:`save_pretrained`, or a Hub repo id (``"org/name"``).
+        revision: branch, tag or commit of the Hub repo (ignored for a local folder).
+        adapter_name: the name the adapter gets in the returned model.
+        subfolder: the adapter's subfolder, for a folder holding several adapters.
+        cache_dir: Hugging Face cache folder (default ``HF_HUB_CACHE``).
+        token: Hub token for private repos (default: the logged-in one).
+        local_files_only: never reach the Hub; use the local cache only.
+        ignore_fingerprint: load even onto other backbone weights (warns instead of refusing).
+        **attach_kwargs: passed to :func:`eexit.attach` (``spec=``, ``input_size=``, ``threshold=``, ...).
+
+    Raises:
+        AdapterError: the files are missing, unreadable, inconsistent or from a newer format, or the adapter
+            was made for another backbone (family, head, width, depth or weights).
+    """
+    from .attach import attach, detach
+    from .model import EarlyExitModel
+
+    if isinstance(model, EarlyExitModel):
+        raise AdapterError(
+            "from_pretrained expects the bare backbone, got an EarlyExitModel; to add an adapter to "
+            "it use ee.load_adapter(path_or_repo_id, adapter_name)."
+        )
+    if not isinstance(model, nn.Module):
+        raise AdapterError(f"from_pretrained expects the backbone (a torch.nn.Module), got {type(model).__name__}.")
+    _check_name(adapter_name)
+    saved, state = _read(
+        path_or_repo_id, subfolder, revision, cache_dir=cache_dir, token=token, local_files_only=local_files_only
+    )
+    spec = spec_for(model, saved, attach_kwargs.pop("spec", None), attach_kwargs.pop("backbone", None))
+    check_structure(saved, spec, model)
+    check_fingerprint(saved, spec, model, ignore_fingerprint)
+    if "input_size" not in attach_kwargs and None in spec.input_shape(model) and saved.cost_table.input_shape:
+        attach_kwargs["input_size"] = tuple(saved.cost_table.input_shape)
+    attach_kwargs.setdefault("num_classes", saved.num_classes)
+    ee = attach(model, saved.exit_config, spec=spec, **attach_kwargs)
+    try:
+        ee.load_adapter_state_dict(state)
+        ee.fit_config, ee.history, ee.evaluation = saved.fit_config, saved.history, saved.evaluation
+        ee.active_adapter = adapter_name
+        _compare_costs(saved, ee)
+    except BaseException as err:
+        detach(ee)  # loads nothing: the user's model goes back to how it was
+        if isinstance(err, EexitError) and not isinstance(err, AdapterError):
+            raise AdapterError(f"{saved.source}: {err}") from err
+        raise
+    return ee
+
+
+def _compare_costs(saved: SavedAdapter, ee: EarlyExitModel) -> None:
+    here, then = ee.cost_table.exit_flops if ee.cost_table else [], saved.cost_table.exit_flops
+    if len(here) != len(then) or any(not math.isclose(a, b, rel_tol=0.01) for a, b in zip(here, then, strict=False)):
+        warnings.warn(
+            f"the cost table measured now ({here}) differs from the one saved in {saved.source} ({then}), "
+            "e.g. after a torch upgrade; costs are reported from the one measured now.",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
+def load_adapter(
+    ee: EarlyExitModel,
+    path_or_repo_id: str | os.PathLike[str],
+    adapter_name: str,
+    *,
+    revision: str | None = None,
+    subfolder: str | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    token: str | bool | None = None,
+    local_files_only: bool = False,
+    ignore_fingerprint: bool = False,
+) -> None:
+    """Add a saved adapter to ``ee`` as ``adapter_name`` (not activated; see ``ee.set_adapter``).
+
+    The adapter must fit: same backbone family, exit blocks, classes, heads and gates, and backbone weights.
+
+    Args:
+        ee: the early-exit model to add to.
+        path_or_repo_id, revision, subfolder, cache_dir, token, local_files_only, ignore_fingerprint: as in
+            :func:`from_pretrained`.
+        adapter_name: a name not yet used in ``ee``.
+
+    Raises:
+        AdapterError: the files are bad, the name is taken, or the adapter does not fit this model.
+    """
+    _check_name(adapter_name)
+    if adapter_name in ee.adapter_names:
+        raise AdapterError(f"an adapter named {adapter_name!r} exists already; names here: {ee.adapter_names}.")
+    saved, state = _read(
+        path_or_repo_id, subfolder, revision, cache_dir=cache_dir, token=token, local_files_only=local_files_only
+    )
+    spec_for(ee.backbone, saved, ee.spec, None)
+    check_structure(saved, ee.spec, ee.backbone)
+    theirs, ours = saved.exit_config, ee.config
+    differ = [
+        f"{f}: {getattr(theirs, f)!r} vs {getattr(ours, f)!r}"
+        for f in ("head", "head_hidden", "gate_features")
+        if getattr(theirs, f) != getattr(ours, f)
+    ]
+    if saved.exit_blocks != ee.exit_blocks:
+        differ.insert(0, f"exit_blocks: {saved.exit_blocks} vs {ee.exit_blocks}")
+    if differ:
+        raise AdapterError(
+            f"{saved.source} does not fit this model's exits (saved vs here): {'; '.join(differ)}. "
+            "Load it with eexit.from_pretrained onto the bare backbone instead."
+        )
+    if theirs.threshold != ours.threshold:
+        warnings.warn(
+            f"{saved.source} was saved with threshold {theirs.threshold}; this model keeps its own "
+            f"({ours.threshold}) for every adapter.",
+            UserWarning,
+            stacklevel=2,
+        )
+    check_fingerprint(saved, ee.spec, ee.backbone, ignore_fingerprint)
+    record = {"state": state, "fit_config": saved.fit_config, "history": saved.history, "evaluation": saved.evaluation}
+    try:
+        ee.add_adapter(adapter_name, record)
+    except EexitError as err:
+        raise AdapterError(f"{saved.source}: {err}") from None
+
+
+# ---------------------------------------------------------------------------------------------- pushing
+def push_to_hub(
+    ee: EarlyExitModel,
+    repo_id: str,
+    *,
+    commit_message: str | None = None,
+    private: bool | None = None,
+    token: str | bool | None = None,
+    revision: str | None = None,
+    create_pr: bool = False,
+    adapter_name: str | None = None,
+    base_model: str | None = None,
+    base_model_revision: str | None = None,
+) -> CommitInfo:
+    """Upload an adapter to the Hub: the repo is created if needed, then ONE commit adds the three files.
+
+    The files are built in memory (nothing is written locally); the card is freshly generated.
+
+    Args:
+        ee: the model holding the adapter.
+        repo_id: ``"org/name"`` (or ``"name"`` under your user).
+        commit_message: default ``"Upload eexit adapter '<name>'"``.
+        private: visibility of a newly created repo (an existing repo keeps its own).
+        token: Hub token (default: the logged-in one).
+        revision: branch to commit to (created if missing); default the main branch.
+        create_pr: open a pull request instead of committing directly.
+        adapter_name: which adapter to push (default: the active one).
+        base_model, base_model_revision: as in :func:`save_pretrained`.
+
+    Returns:
+        The ``CommitInfo`` of the commit (its ``commit_url``, ``oid``, and ``pr_url`` with ``create_pr``).
+    """
+    from huggingface_hub import CommitOperationAdd, HfApi
+
+    files = _files(ee, adapter_name, base_model, base_model_revision)
+    api = HfApi(token=token)
+    url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+    repo_id = getattr(url, "repo_id", None) or repo_id  # "name" becomes "user/name"
+    if revision is not None:
+        api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type="model")
+    operations = [
+        CommitOperationAdd(path_in_repo=name, path_or_fileobj=data)
+        for name, data in ((CONFIG_NAME, files.config), (WEIGHTS_NAME, files.tensors), (CARD_NAME, files.card()))
+    ]
+    message = commit_message or f"Upload eexit adapter {files.meta['adapter_name']!r}"
+    return api.create_commit(
+        repo_id, operations, commit_message=message, revision=revision, create_pr=create_pr, repo_type="model"
+    )
