@@ -16,7 +16,7 @@ def digits_backbone():
     torch.manual_seed(0)
     splits = load_digits_splits()
     loaders = splits.loaders(batch_size=64)
-    backbone = train_classifier(make_digits_vit(depth=4, embed_dim=48), loaders[0], epochs=40, progress=False)
+    backbone = train_classifier(make_digits_vit(depth=4, embed_dim=48), loaders[0], epochs=80, lr=3e-3, progress=False)
     return backbone, loaders
 
 
