@@ -32,7 +32,7 @@ def main() -> None:
               optimizer="adamw", lr=5e-3, weight_decay=1e-4, min_lr=1e-4)
 
     # 3. real early exit: each image stops at its own exit
-    images, labels = next(iter(test_loader))
+    images, _ = next(iter(test_loader))
     with torch.inference_mode():
         out = ee(images)
     print("exit per image:", out.exit_index[:16].tolist(), "...")
