@@ -24,12 +24,25 @@ def main() -> None:
 
     # 1. attach exits after every block; the backbone is frozen and left untouched
     ee = eexit.attach(backbone)
-    print(f"{ee.num_exits} exits, cost to reach each (% of the backbone):",
-          [round(100 * f) for f in ee.cost_table.fraction_of_backbone()])
+    print(
+        f"{ee.num_exits} exits, cost to reach each (% of the backbone):",
+        [round(100 * f) for f in ee.cost_table.fraction_of_backbone()],
+    )
 
     # 2. train the IMs and gates with JEI-DNN (λ trades accuracy for cost)
-    eexit.fit(ee, train_loader, val_loader, lam=0.1, epochs=60, warmup_epochs=15, phase_batches=10,
-              optimizer="adamw", lr=5e-3, weight_decay=1e-4, min_lr=1e-4)
+    eexit.fit(
+        ee,
+        train_loader,
+        val_loader,
+        lam=0.1,
+        epochs=60,
+        warmup_epochs=15,
+        phase_batches=10,
+        optimizer="adamw",
+        lr=5e-3,
+        weight_decay=1e-4,
+        min_lr=1e-4,
+    )
 
     # 3. real early exit: each image stops at its own exit
     images, _ = next(iter(test_loader))

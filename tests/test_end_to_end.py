@@ -27,8 +27,19 @@ def test_lambda_trades_accuracy_for_cost(digits_backbone):
     reports = {}
     for lam in (0.0, 2.0):
         ee.load_adapter_state_dict(initial)
-        eexit.fit(ee, train, val, lam=lam, epochs=30, warmup_epochs=10, phase_batches=10, optimizer="adamw",
-                  lr=5e-3, min_lr=1e-4, progress=False)
+        eexit.fit(
+            ee,
+            train,
+            val,
+            lam=lam,
+            epochs=30,
+            warmup_epochs=10,
+            phase_batches=10,
+            optimizer="adamw",
+            lr=5e-3,
+            min_lr=1e-4,
+            progress=False,
+        )
         reports[lam] = eexit.evaluate(ee, test)
     assert reports[2.0].cost_fraction < reports[0.0].cost_fraction
     full = reports[0.0].backbone_accuracy
