@@ -34,13 +34,26 @@ class DigitsSplits:
         )
 
 
-def load_digits_splits(val_fraction: float = 0.2, test_fraction: float = 0.2, seed: int = 0) -> DigitsSplits:
-    """Load the digits with a fixed stratified split (60 / 20 / 20 by default)."""
+def load_digits_splits(
+    val_fraction: float = 0.2, test_fraction: float = 0.2, seed: int = 0, image_size: int = 8, channels: int = 1
+) -> DigitsSplits:
+    """Load the digits with a fixed stratified split (60 / 20 / 20 by default).
+
+    Args:
+        val_fraction, test_fraction: split sizes; the rest is the training set.
+        seed: seed of the split.
+        image_size: side of the returned images; the 8x8 digits are resized bilinearly (for backbones that need
+            a larger input, e.g. 32 px).
+        channels: 1, or 3 to repeat the grey channel for RGB backbones.
+    """
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
     data = load_digits()
     x = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1) / 16.0  # [N, 1, 8, 8] in [0, 1]
+    if image_size != 8:
+        x = nn.functional.interpolate(x, size=image_size, mode="bilinear", align_corners=False)
+    x = x.repeat(1, channels, 1, 1)  # [N, channels, S, S]
     y = torch.tensor(data.target, dtype=torch.long)
     idx = torch.arange(len(y)).numpy()
     rest, test = train_test_split(idx, test_size=test_fraction, stratify=y.numpy(), random_state=seed)
@@ -88,7 +101,9 @@ def train_classifier(
         for x, y in loader:
             # small random shifts: the digits are few, and a ViT overfits them quickly without augmentation
             x = torch.roll(x, shifts=tuple(torch.randint(-1, 2, (2,)).tolist()), dims=(2, 3))
-            loss = nn.functional.cross_entropy(model(x), y)
+            out = model(x)
+            logits = out if isinstance(out, torch.Tensor) else out.logits  # timm, or transformers outputs
+            loss = nn.functional.cross_entropy(logits, y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
