@@ -42,9 +42,31 @@ def _extra_formulas() -> dict[Any, Any]:
     return ops
 
 
+class _FlopCounter(FlopCounterMode):
+    """FlopCounterMode that also sees through torch's fused transformer fast path.
+
+    In eval mode without grad, ``nn.TransformerEncoderLayer`` / ``nn.MultiheadAttention`` run one fused kernel
+    that FlopCounterMode has no formula for, so such models would look almost free. While counting, the fast
+    path is switched off (a process-wide torch flag, restored on exit): the plain path does the same arithmetic
+    and every matmul is counted.
+    """
+
+    def __enter__(self) -> _FlopCounter:
+        self._fastpath = torch.backends.mha.get_fastpath_enabled()
+        torch.backends.mha.set_fastpath_enabled(False)
+        super().__enter__()
+        return self
+
+    def __exit__(self, *args: Any) -> None:
+        try:
+            super().__exit__(*args)
+        finally:
+            torch.backends.mha.set_fastpath_enabled(self._fastpath)
+
+
 def flop_counter() -> FlopCounterMode:
-    """A silent FlopCounterMode that also counts CPU fused attention."""
-    return FlopCounterMode(display=False, custom_mapping=_extra_formulas())
+    """A silent FlopCounterMode that also counts CPU fused attention and torch's fused transformer layers."""
+    return _FlopCounter(display=False, custom_mapping=_extra_formulas())
 
 
 @dataclass

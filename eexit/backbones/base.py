@@ -8,6 +8,7 @@ code: :mod:`eexit.attach` and :mod:`eexit.inference` act on what it says.
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import torch
@@ -42,6 +43,22 @@ class BackboneSpec:
     def pool(self, model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
         """Pool a block's hidden states ``[B, N, D]`` into the feature ``[B, D]`` an IM reads."""
         raise NotImplementedError
+
+    def exit_width(self, model: nn.Module, block: int) -> int:
+        """Width of the feature :meth:`pool_at` returns at block ``block`` (index into :meth:`blocks`).
+
+        Every block of a plain transformer has the same width, :meth:`feature_width`; hierarchical backbones
+        (Swin) override this, since their stages differ in width.
+        """
+        return self.feature_width(model)
+
+    def pool_at(self, model: nn.Module, hidden: torch.Tensor, block: int) -> torch.Tensor:
+        """Pool the hidden states of block ``block`` into ``[B, exit_width(model, block)]``.
+
+        Defaults to :meth:`pool`, which suits backbones whose blocks all pool alike; hierarchical backbones
+        override it because only the last stage can go through the backbone's own final norm.
+        """
+        return self.pool(model, hidden)
 
     def num_classes(self, model: nn.Module) -> int | None:
         """Classes of the backbone's own head, or ``None`` when it has no classifier."""
@@ -113,7 +130,21 @@ def _load_builtins() -> None:
     global _BUILTINS_LOADED
     if not _BUILTINS_LOADED:
         _BUILTINS_LOADED = True
-        from . import hf_vit, timm_vit  # noqa: F401
+        # Catch-all specs (hf_auto, unsupported) defer to every other spec, so the import order does not matter.
+        from . import (  # noqa: F401
+            dynamic_perceiver,
+            hf_auto,
+            hf_beit,
+            hf_dinov2,
+            hf_swin,
+            hf_vit,
+            t2t_vit,
+            timm_beit,
+            timm_eva,
+            timm_swin,
+            timm_vit,
+            unsupported,
+        )
 
 
 def list_specs() -> list[str]:
@@ -148,6 +179,30 @@ def find_spec(model: nn.Module, name: str | None = None) -> BackboneSpec:
         f"{sorted(_REGISTRY)}. For another transformer, describe it with a generic spec: "
         "eexit.attach(model, spec=eexit.GenericSpec(blocks='encoder.layers', pool='cls', norm='norm'))."
     )
+
+
+def matched_elsewhere(spec: BackboneSpec, model: nn.Module) -> bool:
+    """Whether a registered spec other than ``spec``, and not a catch-all, describes ``model``.
+
+    Catch-all specs (class attribute ``catch_all = True``: the transformers discovery spec, the refusals) call
+    this in :meth:`BackboneSpec.matches`, so that they defer to every family spec whatever the registration
+    order, including specs users register later.
+    """
+    _load_builtins()
+    return any(
+        other is not spec and not getattr(other, "catch_all", False) and other.matches(model)
+        for other in _REGISTRY.values()
+    )
+
+
+def loaded_class(module: str, name: str) -> type | None:
+    """The class ``module.name`` if ``module`` is already imported, else ``None``.
+
+    A model can only be an instance of a class whose module is loaded, so matchers use this to answer "no"
+    without importing timm or transformers (seconds) for a model that comes from neither.
+    """
+    cls = getattr(sys.modules.get(module), name, None)
+    return cls if isinstance(cls, type) else None
 
 
 def resolve_module(model: nn.Module, path: str) -> nn.Module:
