@@ -18,6 +18,7 @@ from .config import ExitConfig
 from .cost import measure_cost_table
 from .errors import BackboneError, EexitValueError
 from .model import EarlyExitModel
+from .staged import StagedEarlyExitModel, StagedSpec
 
 __all__ = ["attach", "detach"]
 
@@ -103,6 +104,9 @@ def attach(
     if not exit_blocks:
         raise EexitValueError(f"{type(model).__name__} has a single block: there is no place for an early exit.")
 
+    staged = isinstance(spec, StagedSpec)
+    if input_size is None and staged:
+        input_size = spec.default_input_size(model)  # any size runs; measure costs at the model's usual one
     expected = spec.input_shape(model)
     shape = tuple(input_size) if input_size is not None else expected
     if any(s is None for s in shape):
@@ -111,6 +115,9 @@ def attach(
             "so the cost table can be measured."
         )
 
+    # Built before anything is changed, so a configuration the model class refuses leaves the model untouched.
+    ee = (StagedEarlyExitModel if staged else EarlyExitModel)(model, spec, exit_blocks, classes, config)
+
     # Record every flag we change, then freeze.
     grad_flags = [(p, p.requires_grad) for p in model.parameters()]
     modes = [(m, m.training) for m in model.modules()]
@@ -118,13 +125,13 @@ def attach(
         p.requires_grad_(False)
     model.eval()
 
-    ee = EarlyExitModel(model, spec, exit_blocks, classes, config)
     param = next(model.parameters(), None)
     if param is not None:
         ee.heads.to(device=param.device, dtype=param.dtype)
         ee.gates.to(device=param.device, dtype=param.dtype)
-    for k, block in enumerate(exit_blocks):
-        ee._handles.append(blocks[block][1].register_forward_hook(ee._make_hook(k)))
+    if not staged:  # a staged backbone runs stage by stage (eexit.staged): no hooks
+        for k, block in enumerate(exit_blocks):
+            ee._handles.append(blocks[block][1].register_forward_hook(ee._make_hook(k)))
 
     def restore() -> None:
         for handle in ee._handles:

@@ -24,7 +24,7 @@ from torch import nn
 from .backbones.base import BackboneSpec
 from .config import ExitConfig, FitConfig
 from .cost import CostTable
-from .errors import EexitTypeError, EexitValueError
+from .errors import BackboneError, EexitTypeError, EexitValueError
 from .gates import Gate, exit_probabilities
 from .heads import ExitHead
 from .inference import ExitPolicy, ExitState, GatePolicy
@@ -83,6 +83,7 @@ class _Run:
 
     owner: EarlyExitModel
     mode: str  # "early" | "all" | "features"
+    batch: int = 0  # input batch size (in early mode the running batch is state.positions)
     state: ExitState | None = None
     policy: ExitPolicy | None = None
     logits: list[torch.Tensor] = field(default_factory=list)
@@ -118,9 +119,10 @@ class EarlyExitModel(nn.Module):
         self.num_classes = num_classes
         self.exit_blocks = list(exit_blocks)
         self.has_backbone_head = spec.num_classes(backbone) is not None
-        width = spec.feature_width(backbone)
+        # Per-exit widths: hierarchical backbones (Swin) widen from stage to stage.
         self.heads = nn.ModuleList(
-            ExitHead(width, num_classes, config.head, config.head_hidden) for _ in self.exit_blocks
+            ExitHead(spec.exit_width(backbone, b), num_classes, config.head, config.head_hidden)
+            for b in self.exit_blocks
         )
         self.gates = nn.ModuleList(Gate(config.gate_features) for _ in range(self.num_exits - 1))
         self.cost_table: CostTable | None = None
@@ -264,12 +266,15 @@ class EarlyExitModel(nn.Module):
 
     def _make_hook(self, k: int) -> Callable[..., Any]:
         is_final_im = not self.has_backbone_head and k == len(self.exit_blocks) - 1
+        block = self.exit_blocks[k]
 
         def hook(module: nn.Module, args: Any, output: Any) -> Any:
             run = _RUN.get()
             if run is None or run.owner is not self:
                 return None  # not an eexit call: leave the backbone untouched
-            features = self.spec.pool(self.backbone, self.spec.hidden(output))  # [b, D]
+            features = self.spec.pool_at(self.backbone, self.spec.hidden(output), block)  # [b, D_k]
+            batch = run.state.positions.shape[0] if run.state is not None else run.batch
+            self._check_features(k, features, batch)
             if run.mode == "features":
                 run.features.append(features)
                 if is_final_im:
@@ -288,6 +293,18 @@ class EarlyExitModel(nn.Module):
             return self._early_step(run, k, output, logits, gate_logit, is_final_im)
 
         return hook
+
+    def _check_features(self, k: int, features: torch.Tensor, batch: int) -> None:
+        # Cheap, and it runs during attach's cost measurement: a spec that pools wrongly, or a block that does not
+        # keep the batch on dim 0 (so the batch cannot shrink there), fails here with a message, not in a matmul.
+        width = self.heads[k].width
+        if features.dim() != 2 or features.shape[0] != batch or features.shape[1] != width:
+            raise BackboneError(
+                f"exit {k} ({self.exit_names[k]}): spec {self.spec.name!r} pooled features of shape "
+                f"{tuple(features.shape)}, expected [{batch}, {width}] (batch, width). Either its blocks do not keep "
+                "the batch on dim 0 (eexit shrinks the batch there, so it cannot exit early inside such a model), "
+                "or the spec pools this backbone wrongly; describe it with eexit.GenericSpec(..., pool=callable)."
+            )
 
     def _early_step(
         self, run: _Run, k: int, output: Any, logits: torch.Tensor, gate_logit: torch.Tensor | None, final: bool
@@ -352,7 +369,7 @@ class EarlyExitModel(nn.Module):
             _RUN.reset(token)
 
     def _run_all_exits(self, pixel_values: torch.Tensor, on_exit: Callable[[], None] | None = None) -> AllExitsOutput:
-        run = _Run(owner=self, mode="all", on_exit=on_exit)
+        run = _Run(owner=self, mode="all", batch=pixel_values.shape[0], on_exit=on_exit)
         final = self._call_backbone(run, pixel_values)
         logits = run.logits + ([final] if self.has_backbone_head and final is not None else [])
         gate_logits = torch.stack(run.gate_logits) if run.gate_logits else logits[0].new_zeros(0, logits[0].shape[0])
@@ -364,9 +381,16 @@ class EarlyExitModel(nn.Module):
         With a frozen backbone these are all the heads and gates need, so :func:`eexit.fit` caches them.
         """
         pixel_values = self._check_input(pixel_values)
-        run = _Run(owner=self, mode="features")
+        run = _Run(owner=self, mode="features", batch=pixel_values.shape[0])
         final = self._call_backbone(run, pixel_values)
         return run.features, (final if self.has_backbone_head else None)
+
+    def feature_layout(self) -> tuple[list[int], bool]:
+        """What :meth:`exit_features` returns per sample: the width of each feature, and whether head logits come too.
+
+        A feature cache fits this model only if it has this layout (checked before training on one).
+        """
+        return [head.width for head in self.heads], self.has_backbone_head
 
     def outputs_from_features(self, features: list[torch.Tensor], final_logits: torch.Tensor | None) -> AllExitsOutput:
         """All-exit outputs computed from cached :meth:`exit_features` (same result as ``all_exits=True``)."""
