@@ -21,6 +21,7 @@ USE_PRETRAINED = False
 OUT_DIR = Path("outputs/{slug}")
 LAMBDAS = (0.05, 1.0)
 FIT_EPOCHS = 16
+ATTACH_KWARGS = {{}}  # e.g. input_size=(3, H, W) for backbones that take several sizes
 torch.manual_seed(0)"""
 
 DATA_REAL = '''\
@@ -57,7 +58,7 @@ EEXIT_CELLS = [
     (
         "code",
         """\
-ee = eexit.attach(backbone)
+ee = eexit.attach(backbone, **ATTACH_KWARGS)
 print(ee.num_exits, "exits at", ee.exit_names)
 print("cumulative cost per exit (% of the backbone):",
       [round(100 * f, 1) for f in ee.cost_table.fraction_of_backbone()])""",
@@ -169,8 +170,7 @@ else:
         title="eexit on T2T-ViT (the JEI-DNN paper's backbone)",
         intro="T2T-ViT ships in `eexit.models.t2t_vit`, registered with timm. JEI-DNN put an IM after every "
         "block but the last, reading the CLS token through the final norm: that is what `attach` does.",
-        pretrained_note="T2T-ViT-14 with the official ImageNet checkpoint file (81.5_T2T_ViT_14.pth.tar, "
-        "downloaded by hand), fine-tuned on CIFAR-100.",
+        pretrained_note="T2T-ViT-14 from the official ImageNet checkpoint file, fine-tuned on CIFAR-100.",
         backbone="""\
 import timm
 
@@ -204,6 +204,7 @@ if not USE_PRETRAINED:
     splits = load_digits_splits(image_size=32, channels=3)
     train_loader, val_loader, test_loader = splits.loaders(batch_size=64)
     backbone = timm.create_model("dyn_perceiver_tiny", num_classes=10)
+    ATTACH_KWARGS = {"input_size": (3, 32, 32)}  # the cost table is measured at the size the data has
 
     class LastExit(torch.nn.Module):  # stage 0 trains on the merged exit (the model returns four)
         def __init__(self, model):
