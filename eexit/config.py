@@ -147,6 +147,10 @@ class FitConfig(_JsonConfig):
         lr, momentum, weight_decay, min_lr: optimiser settings; the learning rate follows a cosine from ``lr``
             to ``min_lr`` over the epochs, stepped once per epoch.
         pos_weight_cap: cap of the gate BCE positive weights r_j = min((N - n_j) / n_j, cap).
+        ic: the normalised cost IC_l that λ prices in the gate targets and the validation objective:
+            ``"measured"`` (the cost table's FLOPs, as the authors' current code) or ``"depth"`` (the depth
+            fraction (block + 1) / depth, as their paper-time code, ``reference/jei-dnn.md`` §4 pitfall 2).
+            Reported costs are always the measured ones.
         train_backbone: fine-tune the backbone too (the paper's end-to-end variant), with ``backbone_lr``.
         backbone_lr: learning rate of the backbone parameters when ``train_backbone`` is set.
         cache_features: compute each exit's pooled features once and reuse them every epoch. ``None`` (auto)
@@ -170,6 +174,7 @@ class FitConfig(_JsonConfig):
     weight_decay: float = 5e-4
     min_lr: float = 2e-4
     pos_weight_cap: float = 5.0
+    ic: Literal["measured", "depth"] = "measured"
     train_backbone: bool = False
     backbone_lr: float = 1e-4
     cache_features: bool | None = None
@@ -198,6 +203,7 @@ class FitConfig(_JsonConfig):
         _check_choice("im_weighting", self.im_weighting, ["gate", "uniform"])
         _check_choice("optimizer", self.optimizer, ["sgd", "adamw"])
         _check_choice("select", self.select, ["best", "last"])
+        _check_choice("ic", self.ic, ["measured", "depth"])
         _check_positive("lr", self.lr)
         _check_positive("backbone_lr", self.backbone_lr)
         _check_positive("momentum", self.momentum, allow_zero=True)

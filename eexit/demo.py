@@ -58,7 +58,7 @@ def run_demo(
         warmup_epochs=2 if quick else 15,
         phase_batches=10,
         optimizer="adamw",
-        lr=5e-3,
+        lr=2e-2,  # gates need a larger step than Adam at 5e-3 gives them in a few hundred steps
         weight_decay=1e-4,
         min_lr=1e-4,
         seed=seed,

@@ -21,7 +21,7 @@ from .errors import EexitValueError
 from .inference import ExitPolicy, GatePolicy, decide_exits
 from .model import EarlyExitModel
 
-__all__ = ["EvaluationReport", "collect_outputs", "evaluate"]
+__all__ = ["CollectedOutputs", "EvaluationReport", "collect_outputs", "evaluate", "evaluate_outputs"]
 
 
 @dataclass
@@ -125,21 +125,51 @@ def evaluate(
         raise EexitValueError(f"alpha must be in (0, 1), got {alpha}.")
     policy = policy or GatePolicy(ee.config.threshold)
     out = collect_outputs(ee, loader, progress)
+    calibration = None
+    if calibration_loader is not None:
+        cal = collect_outputs(ee, calibration_loader, progress)
+        calibration = (cal, decide_exits(cal.logits, cal.gate_logits, policy))
     taken = decide_exits(out.logits, out.gate_logits, policy)  # [N]
+    report = evaluate_outputs(ee, out, taken, calibration=calibration, alpha=alpha)
+    ee.evaluation = report.to_dict()
+    return report
+
+
+def evaluate_outputs(
+    ee: EarlyExitModel,
+    out: CollectedOutputs,
+    taken: torch.Tensor,
+    *,
+    calibration: tuple[CollectedOutputs, torch.Tensor] | None = None,
+    alpha: float = 0.1,
+) -> EvaluationReport:
+    """The report of :func:`evaluate` from outputs already collected and exits already decided.
+
+    For methods whose exits are not the gates' (confidence thresholds, BoostedNet's ensemble logits): pass
+    their logits in ``out`` and the exit each sample takes; costs come from ``ee.cost_table``.
+
+    Args:
+        ee: the model (for the cost table and whether the last exit is the backbone's head).
+        out: every exit's logits ``[E, N, C]`` and the labels on the evaluated split.
+        taken: the exit of each sample ``[N]``.
+        calibration: (outputs, exits) on a held-out split to calibrate split-conformal sets per exit.
+        alpha: conformal miscoverage level in (0, 1).
+    """
+    if not 0.0 < alpha < 1.0:
+        raise EexitValueError(f"alpha must be in (0, 1), got {alpha}; e.g. alpha=0.1 for 90 % coverage.")
     n = out.labels.shape[0]
     chosen = out.logits[taken, torch.arange(n)]  # [N, C]
     table = ee.cost_table
     mean_flops = metrics.expected_cost(taken, table.exit_flops)
     per_exit = metrics.per_exit_accuracy(out.logits, out.labels, taken)
     conformal = None
-    if calibration_loader is not None:
-        cal = collect_outputs(ee, calibration_loader, progress)
-        cal_taken = decide_exits(cal.logits, cal.gate_logits, policy)
+    if calibration is not None:
+        cal, cal_taken = calibration
         qhat = metrics.conformal_calibrate(cal.logits, cal.labels, cal_taken, alpha)
         sets = metrics.conformal_sets(chosen, taken, qhat)
         coverage, size = metrics.conformal_coverage_and_size(sets, out.labels)
         conformal = {"alpha": alpha, "coverage": coverage, "mean_set_size": size, "qhat": qhat.tolist()}
-    report = EvaluationReport(
+    return EvaluationReport(
         num_samples=n,
         accuracy=metrics.accuracy(chosen, out.labels),
         mean_gflops=mean_flops / 1e9,
@@ -154,5 +184,3 @@ def evaluate(
         ece_mass=metrics.expected_calibration_error(chosen, out.labels, 15, "mass"),
         conformal=conformal,
     )
-    ee.evaluation = report.to_dict()
-    return report

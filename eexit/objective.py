@@ -15,13 +15,14 @@ Users with their own training loop can call these directly.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 
 __all__ = [
     "WEIGHTINGS",
+    "depth_ic",
     "depth_weights",
     "exit_costs",
     "gate_loss",
@@ -62,6 +63,25 @@ def exit_costs(ce: torch.Tensor, ic: torch.Tensor, lam: float) -> torch.Tensor:
         lam: λ >= 0.
     """
     return ce + lam * ic.to(ce).unsqueeze(1)  # [E, B]
+
+
+def depth_ic(blocks_run: Sequence[int]) -> torch.Tensor:
+    """IC_l as a depth fraction d_l / d_last, with d_l the backbone blocks a sample runs to reach exit l.
+
+    The JEI-DNN paper-time code priced exits this way ((l+1)/L, ``reference/jei-dnn.md`` §4 pitfall 2) while
+    it evaluated with measured costs; offered for that ablation (``FitConfig(ic="depth")``).
+
+    Args:
+        blocks_run: ``[E]`` positive, non-decreasing block counts (e.g. block index + 1; the backbone's own head
+            counts every block).
+
+    Returns:
+        ``[E]`` float32, the last entry 1.
+    """
+    runs = torch.as_tensor(list(blocks_run), dtype=torch.float64)  # [E]
+    if runs.ndim != 1 or runs.numel() == 0 or bool((runs <= 0).any()) or bool((runs.diff() < 0).any()):
+        raise ValueError(f"blocks_run must be positive and non-decreasing, got {runs.tolist()}")
+    return (runs / runs[-1]).float()  # [E]
 
 
 def optimal_exit(costs: torch.Tensor) -> torch.Tensor:

@@ -26,11 +26,12 @@ from tqdm.auto import tqdm
 
 from .config import FitConfig
 from .data import FeatureCache, check_images, check_labels, check_loader, estimated_cache_bytes, unpack_batch
-from .errors import EexitTypeError, TrainingError
+from .errors import EexitTypeError, EexitValueError, TrainingError
 from .inference import GatePolicy, decide_exits
 from .model import AllExitsOutput, EarlyExitModel
 from .objective import (
     WEIGHTINGS,
+    depth_ic,
     exit_costs,
     gate_loss,
     gate_pos_weights,
@@ -40,7 +41,7 @@ from .objective import (
     per_exit_ce,
 )
 
-__all__ = ["Phase", "fit", "phase_at", "validate"]
+__all__ = ["Phase", "fit", "phase_at", "priced_ic", "validate"]
 
 #: Auto caching is skipped (with a warning) above this estimated size.
 _CACHE_LIMIT_BYTES = 4 * 1024**3
@@ -71,6 +72,16 @@ def _lr_factor(epoch: int, config: FitConfig) -> float:
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * epoch / config.epochs))
 
 
+def priced_ic(ee: EarlyExitModel, config: FitConfig) -> torch.Tensor:
+    """The IC_l that λ prices in training, ``[E]``: measured FLOPs (default) or depth fraction (``ic="depth"``)."""
+    if config.ic == "depth":
+        blocks = [b + 1 for b in ee.exit_blocks]
+        if ee.has_backbone_head:
+            blocks.append(len(ee.spec.blocks(ee.backbone)))
+        return depth_ic(blocks)
+    return ee.cost_table.ic
+
+
 def _make_optimizer(ee: EarlyExitModel, config: FitConfig) -> torch.optim.Optimizer:
     groups: list[dict[str, Any]] = [
         {"params": [p for p in [*ee.heads.parameters(), *ee.gates.parameters()]], "lr": config.lr},
@@ -97,7 +108,7 @@ def _loss(
     if ee.has_backbone_head and not config.train_backbone:
         trainable[-1] = False  # the frozen backbone head cannot learn; its CE only shapes the weights
     if phase is Phase.GATE:
-        best = optimal_exit(exit_costs(ce.detach(), ee.cost_table.ic.to(ce.device), config.lam))  # [B]
+        best = optimal_exit(exit_costs(ce.detach(), priced_ic(ee, config).to(ce.device), config.lam))  # [B]
         return gate_loss(out.gate_logits, gate_targets(best, ee.num_exits), pos_weight)
     if phase is Phase.WARMUP:
         weights = WEIGHTINGS[config.warmup_weighting](ce, None)
@@ -142,24 +153,26 @@ def validate(
     """Validation metrics under the deterministic exit rule, and each sample's best exit l* (for r_j).
 
     Returns:
-        (metrics, best_exit): metrics has ``accuracy``, ``cost_fraction`` (mean IC), ``objective`` (mean of
-        CE + λ·IC at the exit taken, the quantity model selection minimises) and ``oracle_accuracy``.
+        (metrics, best_exit): metrics has ``accuracy``, ``cost_fraction`` (mean measured IC) and ``objective``
+        (mean of CE + λ·IC at the exit taken with the priced IC of ``config.ic``, the quantity model selection
+        minimises).
     """
     was_training = ee.training
     ee.eval()
     ic = ee.cost_table.ic
+    price = priced_ic(ee, config)
     correct = cost = objective = count = 0.0
     best: list[torch.Tensor] = []
     policy = GatePolicy(ee.config.threshold)
     for out, labels in _batches(ee, source, config, False, torch.Generator(), grad=False):
         ce = per_exit_ce(out.logits, labels)  # [E, B]
-        best.append(optimal_exit(exit_costs(ce, ic.to(ce.device), config.lam)).cpu())
+        best.append(optimal_exit(exit_costs(ce, price.to(ce.device), config.lam)).cpu())
         taken = decide_exits(out.logits, out.gate_logits, policy)  # [B]
         cols = torch.arange(labels.shape[0], device=labels.device)
         pred = out.logits[taken, cols].argmax(-1)
         correct += float((pred == labels).sum())
         cost += float(ic.to(ce.device)[taken].sum())
-        objective += float((ce[taken, cols] + config.lam * ic.to(ce.device)[taken]).sum())
+        objective += float((ce[taken, cols] + config.lam * price.to(ce.device)[taken]).sum())
         count += labels.shape[0]
     ee.train(was_training)
     metrics = {"accuracy": correct / count, "cost_fraction": cost / count, "objective": objective / count}
@@ -177,6 +190,30 @@ def _restore(ee: EarlyExitModel, snap: dict[str, Any]) -> None:
     ee.load_adapter_state_dict(snap["adapter"])
     if "backbone" in snap:
         ee.backbone.load_state_dict(snap["backbone"])
+
+
+def _check_cache(ee: EarlyExitModel, cache: FeatureCache, name: str, config: FitConfig) -> None:
+    """Refuse a feature cache that cannot stand for this model's frozen backbone."""
+    if config.train_backbone or config.cache_features is False:
+        raise EexitValueError(
+            f"{name} is a FeatureCache, but the config asks for train_backbone={config.train_backbone} and "
+            f"cache_features={config.cache_features}: cached features only stand for a frozen backbone. Pass "
+            "the data loader instead."
+        )
+    widths, with_head = ee.feature_layout()
+    expected = [(w,) for w in widths]
+    got = [tuple(f.shape[1:]) for f in cache.features]
+    final_ok = (cache.final_logits is not None) == with_head and (
+        cache.final_logits is None or cache.final_logits.shape[-1] == ee.num_classes
+    )
+    if got != expected or not final_ok:
+        raise EexitValueError(
+            f"{name}: the FeatureCache does not fit this model: expected exit features of widths {expected} and "
+            f"{'head logits' if with_head else 'no head logits'}, got widths {got} and "
+            f"{'no' if cache.final_logits is None else 'some'} head logits. Collect it with "
+            "FeatureCache.collect(ee, loader, name) on this model."
+        )
+    check_labels(cache.labels, ee.num_classes)
 
 
 def _use_cache(ee: EarlyExitModel, train_loader: Iterable[Any], config: FitConfig) -> bool:
@@ -209,7 +246,9 @@ def fit(
 
     Args:
         ee: the model :func:`eexit.attach` returned.
-        train_loader: yields ``(images, labels)`` or dicts with ``pixel_values`` and ``labels``.
+        train_loader: yields ``(images, labels)`` or dicts with ``pixel_values`` and ``labels``; or a
+            :class:`~eexit.data.FeatureCache` already collected from this model's frozen backbone (reused as is,
+            so several runs share one backbone pass, see :func:`eexit.sweep.sweep_lambda`).
         val_loader: the same, for the gate weights r_j, per-epoch metrics and model selection.
         lam: λ, the accuracy/cost trade-off (overrides ``config.lam``).
         config: a :class:`FitConfig`; keyword arguments override its fields (``epochs=5``, ...).
@@ -229,6 +268,9 @@ def fit(
     config = replace(config or FitConfig(), **overrides) if overrides else (config or FitConfig())
     check_loader(train_loader, "train_loader")
     check_loader(val_loader, "val_loader")
+    for name, source in (("train_loader", train_loader), ("val_loader", val_loader)):
+        if isinstance(source, FeatureCache):
+            _check_cache(ee, source, name, config)
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
 
@@ -258,8 +300,10 @@ def _fit_loop(
     train_src: FeatureCache | Iterable[Any] = train_loader
     val_src: FeatureCache | Iterable[Any] = val_loader
     if _use_cache(ee, train_loader, config):
-        train_src = FeatureCache.collect(ee, train_loader, "train_loader", config.progress)
-        val_src = FeatureCache.collect(ee, val_loader, "val_loader", config.progress)
+        if not isinstance(train_loader, FeatureCache):
+            train_src = FeatureCache.collect(ee, train_loader, "train_loader", config.progress)
+        if not isinstance(val_loader, FeatureCache):
+            val_src = FeatureCache.collect(ee, val_loader, "val_loader", config.progress)
     optimizer = _make_optimizer(ee, config)
     device = next(ee.parameters()).device
     pos_weight = torch.ones(max(ee.num_exits - 1, 0), device=device)

@@ -77,7 +77,7 @@ reports = {}
 for lam in LAMBDAS:
     ee.load_adapter_state_dict(initial)
     eexit.fit(ee, train_loader, val_loader, lam=lam, epochs=FIT_EPOCHS, warmup_epochs=FIT_EPOCHS // 4,
-              phase_batches=10, optimizer="adamw", lr=5e-3, min_lr=1e-4, progress=False)
+              phase_batches=10, optimizer="adamw", lr=2e-2, min_lr=1e-4, progress=False)
     reports[lam] = eexit.evaluate(ee, test_loader, calibration_loader=val_loader, alpha=0.1)
     ee.add_adapter(f"lam_{lam:g}")
     print(f"λ = {lam}")

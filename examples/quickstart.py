@@ -39,7 +39,7 @@ def main() -> None:
         warmup_epochs=15,
         phase_batches=10,
         optimizer="adamw",
-        lr=5e-3,
+        lr=2e-2,
         weight_decay=1e-4,
         min_lr=1e-4,
     )

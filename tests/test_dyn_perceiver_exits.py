@@ -323,3 +323,21 @@ def test_detached_exits_refuse_to_run():
     ee.detach()
     with pytest.raises(EexitValueError, match="detached"):
         ee(_images())
+
+
+def test_sweep_and_boosted_baseline_work_and_l2w_is_refused():
+    from eexit.baselines import train_boosted, train_l2w
+    from eexit.sweep import sweep_lambda
+
+    ee = _attached()
+    train, val = _loaders()
+    result = sweep_lambda(ee, train, val, [0.1, 1.0], epochs=2, warmup_epochs=1, progress=False)
+    assert [p.lam for p in result.points] == [0.1, 1.0]
+    assert {"lam_0.1", "lam_1"} <= set(ee.adapter_names)
+    boosted = train_boosted(ee, train, val, epochs=1, progress=False)
+    x = _images(8)
+    with torch.no_grad():
+        logits = boosted.logits(ee(x, all_exits=True).logits)
+    assert logits.shape == (4, 8, 5)
+    with pytest.raises(EexitValueError, match="independent exit heads"):
+        train_l2w(ee, train, val, epochs=1, progress=False)

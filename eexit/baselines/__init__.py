@@ -1,5 +1,15 @@
-"""Baselines evaluated on the same backbone, cost table and metrics as JEI-DNN (reference/jei-dnn.md §7)."""
+"""Baselines evaluated on the same backbone, cost table and metrics as JEI-DNN (reference/jei-dnn.md §7).
 
+* confidence thresholds fitted by the MSDNet budgeted-batch protocol (:func:`budgeted_curve`);
+* BoostedNet (:func:`train_boosted`): each IM learns the residual of the ensemble before it;
+* L2W-DEN (:func:`train_l2w`): a meta-learned network weights each sample's per-exit losses.
+
+BoostedNet and L2W-DEN train the IMs of an attached model on cached features of its frozen backbone; both are
+then evaluated with budgeted thresholds, BoostedNet on its ensemble logits (:meth:`BoostedNet.logits`).
+"""
+
+from eexit.baselines.boosted import BoostedNet, boosted_logits, train_boosted
+from eexit.baselines.l2w import L2WResult, WeightNet, l2w_weights, train_l2w
 from eexit.baselines.thresholds import (
     SCORES,
     OperatingPoint,
@@ -14,12 +24,19 @@ from eexit.baselines.thresholds import (
 
 __all__ = [
     "SCORES",
+    "BoostedNet",
+    "L2WResult",
     "OperatingPoint",
+    "WeightNet",
     "apply_thresholds",
+    "boosted_logits",
     "budgeted_curve",
     "fit_budgeted_thresholds",
     "geometric_exit_distribution",
+    "l2w_weights",
     "margin",
     "max_probability",
     "negative_entropy",
+    "train_boosted",
+    "train_l2w",
 ]
