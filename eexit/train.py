@@ -15,6 +15,7 @@ The loop, top to bottom (``reference/jei-dnn.md`` section 3.2):
 from __future__ import annotations
 
 import enum
+import logging
 import math
 import warnings
 from collections.abc import Iterable, Iterator
@@ -45,6 +46,8 @@ __all__ = ["Phase", "fit", "phase_at", "priced_ic", "validate"]
 
 #: Auto caching is skipped (with a warning) above this estimated size.
 _CACHE_LIMIT_BYTES = 4 * 1024**3
+
+logger = logging.getLogger("eexit")
 
 
 class Phase(enum.Enum):
@@ -347,6 +350,15 @@ def _fit_loop(
                 record[f"{phase.value}_loss"] = totals[phase] / counts[phase]
                 record[f"{phase.value}_batches"] = float(counts[phase])
         history.append(record)
+        logger.info(
+            "epoch %d/%d λ=%g: val accuracy %.4f, mean cost %.3f of the last exit, objective %.4f",
+            epoch + 1,
+            config.epochs,
+            config.lam,
+            metrics["accuracy"],
+            metrics["cost_fraction"],
+            metrics["objective"],
+        )
         bar.set_postfix(acc=f"{metrics['accuracy']:.3f}", cost=f"{metrics['cost_fraction']:.2f}")
         good = _snapshot(ee, config.train_backbone)
         if epoch >= config.warmup_epochs and metrics["objective"] < best_objective:
