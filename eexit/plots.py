@@ -128,6 +128,24 @@ def plot_reliability(
     return _save(fig, path)
 
 
+def _per_exit_axis(
+    name: str, series: Mapping[str, Sequence[float]], exit_labels: Sequence[str] | None
+) -> tuple[int, list[str]]:
+    """Check one equal-length, non-empty per-exit series per method; return E and the E tick labels."""
+    _check_methods(name, series)
+    lengths = {len(v) for v in series.values()}
+    if len(lengths) != 1 or 0 in lengths:
+        raise EexitValueError(
+            f"{name}: expected one non-empty list per method, all of the same length (one value per exit), got "
+            f"lengths {sorted(lengths)}. Fix: pass every method's per-exit values for the same model."
+        )
+    num_exits = lengths.pop()
+    labels = list(exit_labels) if exit_labels is not None else [str(k + 1) for k in range(num_exits)]
+    if len(labels) != num_exits:
+        raise EexitValueError(f"exit_labels: expected {num_exits} labels, got {len(labels)}.")
+    return num_exits, labels
+
+
 def plot_exit_histogram(
     rates: Mapping[str, Sequence[float]],
     path: str | Path | None = None,
@@ -145,17 +163,7 @@ def plot_exit_histogram(
     Returns:
         The matplotlib ``Figure``.
     """
-    _check_methods("rates", rates)
-    lengths = {len(r) for r in rates.values()}
-    if len(lengths) != 1 or 0 in lengths:
-        raise EexitValueError(
-            f"rates: expected one non-empty list per method, all of the same length (one rate per exit), got "
-            f"lengths {sorted(lengths)}. Fix: pass every method's exit_rates for the same model."
-        )
-    num_exits = lengths.pop()
-    labels = list(exit_labels) if exit_labels is not None else [str(k + 1) for k in range(num_exits)]
-    if len(labels) != num_exits:
-        raise EexitValueError(f"exit_labels: expected {num_exits} labels, got {len(labels)}.")
+    num_exits, labels = _per_exit_axis("rates", rates, exit_labels)
     fig, (ax,) = _figure()
     width = 0.8 / len(rates)
     for i, (name, r) in enumerate(rates.items()):
@@ -189,17 +197,7 @@ def plot_per_exit_accuracy(
     Returns:
         The matplotlib ``Figure``.
     """
-    _check_methods("accuracies", accuracies)
-    lengths = {len(a) for a in accuracies.values()}
-    if len(lengths) != 1 or 0 in lengths:
-        raise EexitValueError(
-            f"accuracies: expected one non-empty list per method, all of the same length (one per exit), got "
-            f"lengths {sorted(lengths)}."
-        )
-    num_exits = lengths.pop()
-    labels = list(exit_labels) if exit_labels is not None else [str(k + 1) for k in range(num_exits)]
-    if len(labels) != num_exits:
-        raise EexitValueError(f"exit_labels: expected {num_exits} labels, got {len(labels)}.")
+    num_exits, labels = _per_exit_axis("accuracies", accuracies, exit_labels)
     fig, (ax,) = _figure()
     markers = "osD^vP*X"
     for i, (name, acc) in enumerate(accuracies.items()):
