@@ -20,6 +20,9 @@ IMG, CLASSES = 32, 5
 _VIT = dict(img_size=IMG, patch_size=8, embed_dim=32, depth=4, num_heads=2, num_classes=CLASSES)
 _SWIN = dict(img_size=IMG, patch_size=4, embed_dim=16, depths=(2, 2), num_heads=(2, 4), window_size=4)
 _HF = dict(image_size=IMG, patch_size=8, hidden_size=32, num_hidden_layers=4, num_attention_heads=2)
+_HF_SWIN = dict(
+    image_size=IMG, patch_size=4, embed_dim=16, depths=[2, 2], num_heads=[2, 4], window_size=4, num_labels=CLASSES
+)
 
 
 @dataclass(frozen=True)
@@ -170,32 +173,9 @@ ZOO: dict[str, Entry] = {
         "hf_dinov2",
     ),
     "hf_dinov2_model": Entry(_hf("Dinov2Model", "Dinov2Config", **_HF), "hf_dinov2", _HEADLESS),
-    "hf_swin_cls": Entry(
-        _hf(
-            "SwinForImageClassification",
-            "SwinConfig",
-            image_size=IMG,
-            patch_size=4,
-            embed_dim=16,
-            depths=[2, 2],
-            num_heads=[2, 4],
-            window_size=4,
-            num_labels=CLASSES,
-        ),
-        "hf_swin",
-    ),
+    "hf_swin_cls": Entry(_hf("SwinForImageClassification", "SwinConfig", **_HF_SWIN), "hf_swin"),
     "hf_swinv2_cls": Entry(
-        _hf(
-            "Swinv2ForImageClassification",
-            "Swinv2Config",
-            image_size=IMG,
-            patch_size=4,
-            embed_dim=16,
-            depths=[2, 2],
-            num_heads=[2, 4],
-            window_size=4,
-            num_labels=CLASSES,
-        ),
+        _hf("Swinv2ForImageClassification", "Swinv2Config", **_HF_SWIN),
         "hf_swin",
         shared_flops=True,
     ),
