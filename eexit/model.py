@@ -94,6 +94,26 @@ class _Run:
     on_exit: Callable[[], None] | None = None
 
 
+def _record_exits(
+    out_logits: torch.Tensor, out_exit: torch.Tensor, state: ExitState, k: int, logits: torch.Tensor, stop: torch.Tensor
+) -> tuple[bool, torch.Tensor | None]:
+    """Write the stopping samples' logits and exit index ``k`` into the input-ordered outputs.
+
+    Shared by the hooked and the staged early-exit forwards; reads the device once per exit.
+
+    Returns:
+        ``(all_stopped, keep)``: ``keep`` holds the running-batch positions of the samples that go on, or is
+        ``None`` when none stopped here (the batch needs no shrinking).
+    """
+    rows = state.positions[stop]
+    out_logits[rows] = logits[stop].to(out_logits.dtype)
+    out_exit[rows] = k
+    stopped = int(stop.sum())
+    if stopped == stop.numel():
+        return True, None
+    return False, ((~stop).nonzero().squeeze(1) if stopped else None)
+
+
 _RUN: contextvars.ContextVar[_Run | None] = contextvars.ContextVar("eexit_run", default=None)
 
 
@@ -317,18 +337,21 @@ class EarlyExitModel(nn.Module):
             stop = run.policy(k, logits, gate_logit, state)  # [b]
         if run.out_logits is None:
             run.out_logits = logits.new_zeros(run.out_exit.shape[0], logits.shape[-1])  # type: ignore[union-attr]
-        rows = state.positions[stop]
-        run.out_logits[rows] = logits[stop].to(run.out_logits.dtype)
-        run.out_exit[rows] = k  # type: ignore[index]
-        if bool(stop.all()):
+        done, keep = _record_exits(run.out_logits, run.out_exit, state, k, logits, stop)  # type: ignore[arg-type]
+        if done:
             raise _AllExited
-        if not bool(stop.any()):
-            state.advance(gate_logit)
-            return None  # nobody left here: hand the block's output on unchanged
-        keep = (~stop).nonzero().squeeze(1)
         state.advance(gate_logit)
+        if keep is None:
+            return None  # nobody stopped here: hand the block's output on unchanged
         state.keep(keep)
         return self.spec.shrink(output, keep)
+
+    def _costs_of(self, exit_index: torch.Tensor) -> torch.Tensor:
+        """FLOPs each sample spent, from the cost table, ``[B]`` float64."""
+        device = exit_index.device
+        if self.cost_table is None:
+            return torch.zeros(exit_index.shape, dtype=torch.float64, device=device)
+        return torch.tensor(self.cost_table.exit_flops, dtype=torch.float64, device=device)[exit_index]
 
     # ------------------------------------------------------------------ forwards
     def _check_input(self, pixel_values: Any) -> torch.Tensor:
@@ -431,12 +454,7 @@ class EarlyExitModel(nn.Module):
             if run.out_logits is None:
                 run.out_logits = final.new_zeros(batch, final.shape[-1])
             run.out_logits[run.state.positions] = final.to(run.out_logits.dtype)  # type: ignore[union-attr]
-        costs = (
-            torch.tensor(self.cost_table.exit_flops, dtype=torch.float64, device=device)
-            if self.cost_table
-            else torch.zeros(self.num_exits, dtype=torch.float64, device=device)
-        )
-        return EarlyExitOutput(logits=run.out_logits, exit_index=run.out_exit, cost=costs[run.out_exit])
+        return EarlyExitOutput(logits=run.out_logits, exit_index=run.out_exit, cost=self._costs_of(run.out_exit))
 
     def extra_repr(self) -> str:
         return f"num_exits={self.num_exits}, exit_blocks={self.exit_blocks}, num_classes={self.num_classes}"

@@ -32,7 +32,7 @@ from .backbones.base import BackboneSpec
 from .config import ExitConfig
 from .errors import BackboneError, EexitValueError
 from .inference import ExitPolicy, ExitState, GatePolicy
-from .model import AllExitsOutput, EarlyExitModel, EarlyExitOutput
+from .model import AllExitsOutput, EarlyExitModel, EarlyExitOutput, _record_exits
 
 __all__ = ["StagedEarlyExitModel", "StagedSpec"]
 
@@ -245,21 +245,13 @@ class StagedEarlyExitModel(EarlyExitModel):
                 out_logits = out.new_zeros(batch, out.shape[-1])
             last = k == self.num_exits - 1
             stop = torch.ones_like(running.positions, dtype=torch.bool) if last else policy(k, out, gate_logit, running)
-            rows = running.positions[stop]
-            out_logits[rows] = out[stop].to(out_logits.dtype)
-            out_exit[rows] = k
-            if last or bool(stop.all()):
+            done, keep = _record_exits(out_logits, out_exit, running, k, out, stop)
+            if last or done:
                 break
             running.advance(gate_logit)
             logits.append(out)
-            if bool(stop.any()):
-                keep = (~stop).nonzero().squeeze(1)
+            if keep is not None:
                 running.keep(keep)
                 state = self.spec.shrink_state(self.backbone, state, keep)
                 logits = [t.index_select(0, keep) for t in logits]
-        costs = (
-            torch.tensor(self.cost_table.exit_flops, dtype=torch.float64, device=device)
-            if self.cost_table
-            else torch.zeros(self.num_exits, dtype=torch.float64, device=device)
-        )
-        return EarlyExitOutput(logits=out_logits, exit_index=out_exit, cost=costs[out_exit])
+        return EarlyExitOutput(logits=out_logits, exit_index=out_exit, cost=self._costs_of(out_exit))
