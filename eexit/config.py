@@ -21,9 +21,16 @@ __all__ = ["FORMAT_VERSION", "ExitConfig", "FitConfig"]
 
 #: Version of the saved adapter format. Bump it (and note it in CHANGELOG.md) whenever a saved file changes
 #: in a way an older eexit cannot read.
-FORMAT_VERSION = 1
+#: 2: gate kinds (``ExitConfig.gates``) and history gate features; a version-1 file is read as ``gates="paper"``.
+FORMAT_VERSION = 2
 
+#: The paper's gate inputs: statistics of the gate's own IM softmax.
 GATE_FEATURES = ("max_prob", "entropy", "margin", "entropy_pow")
+#: Inputs that read the exits passed before (previous exit's max probability, whether its argmax agrees, for how
+#: many consecutive exits, KL to it): what a confidence threshold cannot use.
+HISTORY_FEATURES = ("prev_max_prob", "agree_prev", "agree_run", "kl_prev")
+#: Gate formulations (DESIGN.md): the default consistent hazard gates, and the paper's additive gates.
+GATE_KINDS = ("hazard", "paper")
 
 _C = TypeVar("_C", bound="_JsonConfig")
 
@@ -98,15 +105,30 @@ class ExitConfig(_JsonConfig):
             last exit), and after every block when it has none.
         head: ``"linear"`` (the paper's IM: one Linear on the pooled token) or ``"mlp"`` (Linear-GELU-Linear).
         head_hidden: hidden width of the ``"mlp"`` head; ``None`` uses the feature width.
-        gate_features: statistics of the IM's softmax fed to each gate, in this order.
-        threshold: an exit is taken at the first exit l with P(G=l) / P(G>=l) >= threshold (JEI-DNN uses 0.5).
+        gates: the gate formulation (DESIGN.md, "the gate formulations"). ``"hazard"`` (default): gate l
+            estimates the chance that exit l is the best of the exits still ahead, P(G=l) = h_l Π_{j<l}(1 - h_j),
+            so the rule below is "exit when h_l >= threshold" and a threshold reaches every cost. ``"paper"``:
+            JEI-DNN exactly as published (CDF targets, the additive min() model); reproduction and ablation.
+        gate_features: statistics fed to each gate, in this order; ``None`` takes the kind's default: the four
+            softmax statistics of the gate's IM (``GATE_FEATURES``) for ``"paper"``, plus the cross-exit ones
+            (``HISTORY_FEATURES``) for ``"hazard"``.
+        threshold: τ, an exit is taken at the first exit l with P(G=l) / P(G>=l) >= τ (JEI-DNN uses 0.5); in
+            (0, 1]. Budget mode (:func:`eexit.sweep.budget_threshold`) moves it to meet a cost.
     """
 
     exit_blocks: tuple[int, ...] | None = None
     head: Literal["linear", "mlp"] = "linear"
     head_hidden: int | None = None
-    gate_features: tuple[str, ...] = GATE_FEATURES
+    gates: Literal["hazard", "paper"] = "hazard"
+    gate_features: tuple[str, ...] | None = None
     threshold: float = 0.5
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ExitConfig:
+        """Build the config from JSON; a file written before gate kinds existed (no ``gates``) holds paper gates."""
+        if isinstance(data, Mapping) and "gates" not in data:
+            data = {**data, "gates": "paper"}
+        return super().from_dict(data)
 
     def __post_init__(self) -> None:
         if self.exit_blocks is not None:
@@ -121,13 +143,20 @@ class ExitConfig(_JsonConfig):
         _check_choice("head", self.head, ["linear", "mlp"])
         if self.head_hidden is not None and (not isinstance(self.head_hidden, int) or self.head_hidden < 1):
             raise EexitValueError(f"head_hidden must be a positive int or None, got {self.head_hidden!r}.")
+        _check_choice("gates", self.gates, GATE_KINDS)
+        if self.gate_features is None:
+            self.gate_features = GATE_FEATURES + (HISTORY_FEATURES if self.gates == "hazard" else ())
         self.gate_features = tuple(self.gate_features)
+        allowed = GATE_FEATURES + HISTORY_FEATURES
         if not self.gate_features:
-            raise EexitValueError(f"gate_features must name at least one of {list(GATE_FEATURES)}.")
+            raise EexitValueError(f"gate_features must name at least one of {list(allowed)}.")
         for feature in self.gate_features:
-            _check_choice("gate_features entry", feature, GATE_FEATURES)
+            _check_choice("gate_features entry", feature, allowed)
         if not isinstance(self.threshold, (int, float)) or not 0.0 < self.threshold <= 1.0:
-            raise EexitValueError(f"threshold must be in (0, 1], got {self.threshold!r}.")
+            raise EexitValueError(
+                f"threshold (τ) must be in (0, 1], got {self.threshold!r}: a sample exits at the first exit where "
+                "P(G=l) / P(G>=l) >= τ; τ = 1 keeps every sample to the last exit."
+            )
 
 
 @dataclass
@@ -140,13 +169,28 @@ class FitConfig(_JsonConfig):
         warmup_epochs: epochs that train the IMs alone before the gate/IM phases alternate.
         warmup_weighting: ``"depth"`` weights IM l's CE by (L - l) as the authors did; ``"uniform"`` weights all 1.
         im_weighting: ``"gate"`` weights IM l's CE by the detached P(G=l|x) (the paper's intent);
-            ``"uniform"`` uses the plain mean CE (what the authors' released code computes in effect).
+            ``"uniform"`` uses the plain mean CE (what the authors' released code computes in effect);
+            ``"mixed"`` uses (1 - β)/E + β·P(G=l|x) with β = ``im_mix``, never renormalised per sample, so IMs
+            that few samples reach still learn; ``"auto"``: ``"mixed"`` for hazard gates, ``"gate"`` for paper.
+        im_mix: β of ``"mixed"``, in [0, 1].
         phase_batches: K, batches per phase before switching between the gate and the IM phase. The count
             runs across epochs, so small datasets still see both phases.
         optimizer: ``"sgd"`` (momentum, as the paper) or ``"adamw"``.
         lr, momentum, weight_decay, min_lr: optimiser settings; the learning rate follows a cosine from ``lr``
             to ``min_lr`` over the epochs, stepped once per epoch.
         pos_weight_cap: cap of the gate BCE positive weights r_j = min((N - n_j) / n_j, cap).
+        pos_weight: which positive weights the gate loss uses: ``"paper"`` (r_j with n_j the validation samples
+            whose l* = j, as the authors), ``"task"`` (r_j from gate j's own negatives/positives on the split the
+            gates learn from), ``"none"`` (1: calibrated gates, what a threshold τ = 0.5 reads best);
+            ``"auto"``: ``"none"`` for hazard gates, ``"paper"`` for paper gates.
+        gate_fit: how gates learn. ``"sgd"``: gate phases of K batches in the JEI-DNN alternation (the paper).
+            ``"exact"``: the gate loss is convex in each gate's F + 1 weights (its inputs are detached), so after
+            warm-up and after every epoch of IM training every gate is refitted to its optimum by L-BFGS on
+            standardised inputs, samples weighted by their probability of reaching it; every batch trains IMs.
+            ``"auto"``: ``"exact"`` for hazard gates, ``"sgd"`` for paper gates.
+        gate_data: which split the gates learn from: ``"train"`` (the paper) or ``"val"``, the held-out exit
+            outputs, which look like test outputs (on the training images a backbone has memorised, every exit
+            is right and l* says little); ``"auto"``: ``"val"`` for hazard gates, ``"train"`` for paper gates.
         ic: the normalised cost IC_l that λ prices in the gate targets and the validation objective:
             ``"measured"`` (the cost table's FLOPs, as the authors' current code) or ``"depth"`` (the depth
             fraction (block + 1) / depth, as their paper-time code, ``reference/jei-dnn.md`` §4 pitfall 2).
@@ -166,7 +210,8 @@ class FitConfig(_JsonConfig):
     epochs: int = 15
     warmup_epochs: int = 3
     warmup_weighting: Literal["depth", "uniform"] = "depth"
-    im_weighting: Literal["gate", "uniform"] = "gate"
+    im_weighting: Literal["auto", "gate", "uniform", "mixed"] = "auto"
+    im_mix: float = 0.5
     phase_batches: int = 200
     optimizer: Literal["sgd", "adamw"] = "sgd"
     lr: float = 0.01
@@ -174,6 +219,9 @@ class FitConfig(_JsonConfig):
     weight_decay: float = 5e-4
     min_lr: float = 2e-4
     pos_weight_cap: float = 5.0
+    pos_weight: Literal["auto", "paper", "task", "none"] = "auto"
+    gate_fit: Literal["auto", "sgd", "exact"] = "auto"
+    gate_data: Literal["auto", "train", "val"] = "auto"
     ic: Literal["measured", "depth"] = "measured"
     train_backbone: bool = False
     backbone_lr: float = 1e-4
@@ -200,7 +248,12 @@ class FitConfig(_JsonConfig):
                 f"warmup_epochs must be an int in [0, epochs={self.epochs}], got {self.warmup_epochs!r}."
             )
         _check_choice("warmup_weighting", self.warmup_weighting, ["depth", "uniform"])
-        _check_choice("im_weighting", self.im_weighting, ["gate", "uniform"])
+        _check_choice("im_weighting", self.im_weighting, ["auto", "gate", "uniform", "mixed"])
+        _check_choice("pos_weight", self.pos_weight, ["auto", "paper", "task", "none"])
+        _check_choice("gate_fit", self.gate_fit, ["auto", "sgd", "exact"])
+        _check_choice("gate_data", self.gate_data, ["auto", "train", "val"])
+        if isinstance(self.im_mix, bool) or not isinstance(self.im_mix, (int, float)) or not 0 <= self.im_mix <= 1:
+            raise EexitValueError(f"im_mix (β) must be a number in [0, 1], got {self.im_mix!r}.")
         _check_choice("optimizer", self.optimizer, ["sgd", "adamw"])
         _check_choice("select", self.select, ["best", "last"])
         _check_choice("ic", self.ic, ["measured", "depth"])
@@ -217,3 +270,14 @@ class FitConfig(_JsonConfig):
                 "cache_features=True cannot be combined with train_backbone=True: the features change as the "
                 "backbone trains. Leave cache_features=None (auto)."
             )
+
+    def resolved(self, gates: str) -> FitConfig:
+        """This config with every ``"auto"`` replaced by the choice for gates of kind ``gates``."""
+        hazard = gates == "hazard"
+        auto = {
+            "im_weighting": "mixed" if hazard else "gate",
+            "pos_weight": "none" if hazard else "paper",
+            "gate_fit": "exact" if hazard else "sgd",
+            "gate_data": "val" if hazard else "train",
+        }
+        return dataclasses.replace(self, **{k: v for k, v in auto.items() if getattr(self, k) == "auto"})

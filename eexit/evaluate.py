@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from . import metrics
 from .data import check_labels, check_loader, unpack_batch
 from .errors import EexitValueError
-from .inference import ExitPolicy, GatePolicy, decide_exits
+from .inference import ExitPolicy, decide_exits
 from .model import EarlyExitModel
 
 __all__ = ["CollectedOutputs", "EvaluationReport", "collect_outputs", "evaluate", "evaluate_outputs"]
@@ -123,7 +123,7 @@ def evaluate(
     """
     if not 0.0 < alpha < 1.0:
         raise EexitValueError(f"alpha must be in (0, 1), got {alpha}.")
-    policy = policy or GatePolicy(ee.config.threshold)
+    policy = ee._check_policy(policy)
     out = collect_outputs(ee, loader, progress)
     calibration = None
     if calibration_loader is not None:

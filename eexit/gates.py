@@ -1,43 +1,97 @@
-"""Gates and the additive exit-probability model of JEI-DNN.
+"""Gates and the two exit-probability models of JEI-DNN.
 
 Regol, Chataoui & Coates, "Jointly Learning to Exit and Infer in Dynamic Neural Networks", ICLR 2024
-(section 1 of ``reference/jei-dnn.md``):
+(section 1 of ``reference/jei-dnn.md``). Gate l is ``Linear(F, 1)`` + sigmoid on detached statistics of the
+exits a sample has seen; the rule is the paper's in both models: exit at the first l where
+P(G=l) / P(G>=l) >= τ. What differs is what g_l means (DESIGN.md, "the gate formulations"):
 
-* gate l sees four statistics of IM l's softmax, detached: max probability, entropy, top-2 margin and the
-  entropy of p²/Σp² (softmax at temperature 1/2); g_l = sigmoid(w·s + b);
-* P(G=1) = g_1, P(G=l) = max(0, min(g_l, 1 - Σ_{j<l} g_j)) with the *raw* g_j, the last exit takes the rest;
-* at inference a sample exits at the first l where P(G=l) / P(G>=l) >= threshold (0.5 in the paper).
+* ``"paper"``, the additive model: P(G=1) = g_1, P(G=l) = max(0, min(g_l, 1 - Σ_{j<l} g_j)) with the *raw*
+  g_j, the last exit takes the rest. Its gates are trained on CDF targets [j >= l*], so the model and the
+  targets disagree: once Σ g_j reaches 1 every sample is forced out (kept exactly, for reproduction);
+* ``"hazard"``, the product model: g_l = h_l estimates P(exit l is the best of the exits l, l+1, ...); then
+  P(G=l) = h_l Π_{j<l}(1 - h_j) and P(G=l) / P(G>=l) = h_l, so "exit when h_l >= τ" is the same rule, consistent
+  with the targets, and τ reaches every cost from the first exit's (τ -> 0) to the backbone's (τ = 1).
 
-The statistics are computed in torch on the IM's device; the authors' code went through numpy on the CPU.
+Gate inputs (``GATE_FEATURES`` of the paper, plus ``HISTORY_FEATURES`` that read the exits passed before, which a
+confidence threshold cannot use) are computed in torch on the IM's device; the authors' code went through
+numpy on the CPU.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from .config import GATE_FEATURES
+from .config import GATE_FEATURES, HISTORY_FEATURES
 
-__all__ = ["Gate", "conditional_exit_probability", "exit_probabilities", "gate_statistics"]
+__all__ = [
+    "ExitHistory",
+    "Gate",
+    "conditional_exit_probability",
+    "exit_probabilities",
+    "gate_statistics",
+    "hazard_exit_probabilities",
+]
 
 
-def gate_statistics(logits: torch.Tensor, features: Sequence[str] = GATE_FEATURES) -> torch.Tensor:
+@dataclass
+class ExitHistory:
+    """What a gate may read about the exits a sample passed before the current one (all detached).
+
+    Attributes:
+        log_probs: log-softmax of the previous exit, ``[b, C]`` (``None`` before the first exit).
+        run: how many consecutive exits before the previous one agreed with its argmax, ``[b]`` float.
+    """
+
+    log_probs: torch.Tensor | None = None
+    run: torch.Tensor | None = None
+
+    def after(self, logits: torch.Tensor) -> ExitHistory:
+        """The history the next exit sees once the running samples have passed an exit with ``logits`` [b, C]."""
+        with torch.no_grad():
+            logp = torch.log_softmax(logits.detach().float(), dim=-1)  # [b, C]
+            return ExitHistory(logp, _agree_run(logp, self))
+
+    def select(self, index: torch.Tensor) -> ExitHistory:
+        """Keep the samples at ``index`` (positions in the running batch)."""
+        if self.log_probs is None or self.run is None:
+            return self
+        return ExitHistory(self.log_probs.index_select(0, index), self.run.index_select(0, index))
+
+
+def _agree_run(logp: torch.Tensor, history: ExitHistory) -> torch.Tensor:
+    """Consecutive earlier exits whose argmax equals this exit's, ``[b]`` float (0 at the first exit)."""
+    if history.log_probs is None or history.run is None:
+        return logp.new_zeros(logp.shape[0])
+    agree = (logp.argmax(-1) == history.log_probs.argmax(-1)).float()  # [b]
+    return agree * (1.0 + history.run)
+
+
+def gate_statistics(
+    logits: torch.Tensor, features: Sequence[str] = GATE_FEATURES, history: ExitHistory | None = None
+) -> torch.Tensor:
     """The gate inputs of each sample, computed without gradient.
 
     Args:
         logits: IM logits ``[B, C]``.
-        features: which statistics, in order (names from ``eexit.config.GATE_FEATURES``).
+        features: which statistics, in order (names from ``eexit.config.GATE_FEATURES`` and
+            ``HISTORY_FEATURES``).
+        history: the exits passed before this one (needed by the history features; ``None`` at the first exit,
+            where they are 0).
 
     Returns:
-        ``[B, len(features)]`` in the logits' dtype.
+        ``[B, len(features)]`` float32.
     """
     with torch.no_grad():
         logits = logits.detach().float()
         logp = torch.log_softmax(logits, dim=-1)  # [B, C]
         p = logp.exp()
         stats: dict[str, torch.Tensor] = {}
+        if any(f in HISTORY_FEATURES for f in features):
+            stats.update(_history_statistics(logp, p, history or ExitHistory()))
         if "max_prob" in features or "margin" in features:
             top = p.topk(min(2, p.shape[-1]), dim=-1).values  # [B, 2]
             stats["max_prob"] = top[:, 0]
@@ -51,25 +105,56 @@ def gate_statistics(logits: torch.Tensor, features: Sequence[str] = GATE_FEATURE
         return torch.stack([stats[name] for name in features], dim=-1)  # [B, F]
 
 
+def _history_statistics(logp: torch.Tensor, p: torch.Tensor, history: ExitHistory) -> dict[str, torch.Tensor]:
+    """Agreement and confidence across exits: what a per-exit confidence threshold cannot see."""
+    if history.log_probs is None:
+        zeros = logp.new_zeros(logp.shape[0])
+        return {"prev_max_prob": zeros, "agree_prev": zeros, "agree_run": zeros, "kl_prev": zeros}
+    prev = history.log_probs  # [B, C]
+    run = _agree_run(logp, history)  # [B]
+    return {
+        "prev_max_prob": prev.exp().amax(-1),
+        "agree_prev": (run > 0).float(),
+        "agree_run": run,
+        "kl_prev": (p * (logp - prev)).sum(-1).clamp(min=0.0),  # KL(p_l || p_{l-1})
+    }
+
+
 class Gate(nn.Module):
-    """One exit gate: ``Linear(F, 1)`` on the detached softmax statistics of its IM.
+    """One exit gate: ``Linear(F, 1)`` on detached statistics of its IM (and of the exits before it).
 
     ``forward`` returns the gate *logit* (so the BCE can use the stable ``with_logits`` form); the gate value
-    is ``g = sigmoid(logit)``.
+    is ``g = sigmoid(logit)``. Gates fitted by the exact solver fold their input standardisation into the
+    Linear, so a gate is always just these F + 1 numbers.
     """
 
     def __init__(self, features: Sequence[str] = GATE_FEATURES) -> None:
         super().__init__()
         self.features = tuple(features)
+        self.uses_history = any(f in HISTORY_FEATURES for f in self.features)
         self.linear = nn.Linear(len(self.features), 1)
 
-    def forward(self, im_logits: torch.Tensor) -> torch.Tensor:
-        stats = gate_statistics(im_logits, self.features).to(self.linear.weight.dtype)  # [B, F]
+    def forward(self, im_logits: torch.Tensor, history: ExitHistory | None = None) -> torch.Tensor:
+        stats = gate_statistics(im_logits, self.features, history).to(self.linear.weight.dtype)  # [B, F]
         return self.linear(stats).squeeze(-1)  # [B]
 
 
-def exit_probabilities(gate_values: torch.Tensor) -> torch.Tensor:
-    """P(G=l|x) for every exit under the additive min() model.
+def hazard_exit_probabilities(gate_values: torch.Tensor) -> torch.Tensor:
+    """P(G=l|x) for every exit under the product (hazard) model: h_l Π_{j<l}(1 - h_j), the last takes the rest.
+
+    Args:
+        gate_values: h_l = sigmoid(gate logit) for the first E-1 exits, ``[E-1, B]``.
+
+    Returns:
+        ``[E, B]``, each column summing to 1.
+    """
+    ones = gate_values.new_ones(1, gate_values.shape[1])
+    survive = torch.cumprod(torch.cat([ones, 1.0 - gate_values], dim=0), dim=0)  # P(G >= l), [E, B]
+    return torch.cat([gate_values * survive[:-1], survive[-1:]], dim=0)  # [E, B]
+
+
+def exit_probabilities(gate_values: torch.Tensor, gates: str = "paper") -> torch.Tensor:
+    """P(G=l|x) for every exit under the additive min() model (``gates="paper"``) or the product model.
 
     Args:
         gate_values: g_l = sigmoid(gate logit) for the first E-1 exits, ``[E-1, B]``.
@@ -77,6 +162,8 @@ def exit_probabilities(gate_values: torch.Tensor) -> torch.Tensor:
     Returns:
         ``[E, B]``, each column summing to 1.
     """
+    if gates == "hazard":
+        return hazard_exit_probabilities(gate_values)
     if gate_values.shape[0] == 0:
         return torch.ones(1, gate_values.shape[1], dtype=gate_values.dtype, device=gate_values.device)
     cumulative = torch.cumsum(gate_values, dim=0)  # [E-1, B]

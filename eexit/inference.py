@@ -14,8 +14,9 @@ from typing import Protocol
 
 import torch
 
+from .config import GATE_KINDS
 from .errors import EexitValueError
-from .gates import conditional_exit_probability
+from .gates import ExitHistory, conditional_exit_probability
 
 __all__ = ["ExitPolicy", "ExitState", "FixedExitPolicy", "GatePolicy", "ThresholdPolicy", "decide_exits"]
 
@@ -27,20 +28,29 @@ class ExitState:
     Attributes:
         positions: index of each running sample in the input batch, ``[b]``.
         gate_sum: Σ_{j<l} g_j over the gates passed so far, ``[b]``.
-        prob_sum: Σ_{j<l} P(G=j) over the exits passed so far, ``[b]``.
+        prob_sum: Σ_{j<l} P(G=j) over the exits passed so far under the additive (paper) model, ``[b]``.
+        history: what the gates read about the exits passed so far (kept only for gates that read it).
     """
 
     positions: torch.Tensor
     gate_sum: torch.Tensor
     prob_sum: torch.Tensor
+    history: ExitHistory | None = None
 
     @classmethod
-    def start(cls, batch: int, device: torch.device) -> ExitState:
+    def start(cls, batch: int, device: torch.device, with_history: bool = False) -> ExitState:
         zeros = torch.zeros(batch, device=device)
-        return cls(torch.arange(batch, device=device), zeros, zeros.clone())
+        return cls(torch.arange(batch, device=device), zeros, zeros.clone(), ExitHistory() if with_history else None)
 
-    def advance(self, gate_logit: torch.Tensor | None) -> None:
-        """Add this exit's gate value and exit probability to the running sums (all running samples)."""
+    def advance(self, gate_logit: torch.Tensor | None, logits: torch.Tensor | None = None) -> None:
+        """Add this exit's gate value and exit probability to the running sums (all running samples).
+
+        Args:
+            gate_logit: this exit's gate logits ``[b]`` (``None`` at the last exit).
+            logits: this exit's IM logits ``[b, C]``, recorded in the history when the gates read it.
+        """
+        if self.history is not None and logits is not None:
+            self.history = self.history.after(logits)
         if gate_logit is None:
             return
         g = torch.sigmoid(gate_logit.float())  # [b]
@@ -53,6 +63,8 @@ class ExitState:
         self.positions = self.positions.index_select(0, index)
         self.gate_sum = self.gate_sum.index_select(0, index)
         self.prob_sum = self.prob_sum.index_select(0, index)
+        if self.history is not None:
+            self.history = self.history.select(index)
 
 
 class ExitPolicy(Protocol):
@@ -66,20 +78,45 @@ class ExitPolicy(Protocol):
 
 
 class GatePolicy:
-    """JEI-DNN's deterministic rule: exit at the first l with P(G=l) / P(G>=l) >= threshold."""
+    """JEI-DNN's deterministic rule: exit at the first l with P(G=l) / P(G>=l) >= threshold τ.
 
-    def __init__(self, threshold: float = 0.5) -> None:
-        if not 0.0 < threshold <= 1.0:
-            raise EexitValueError(f"threshold must be in (0, 1], got {threshold}.")
-        self.threshold = threshold
+    P(G=l) / P(G>=l) comes from the gates' exit-probability model: for hazard gates it is the gate value h_l
+    itself, for paper gates the additive model's ratio (``eexit.gates``). The model's own policy is
+    ``ee.default_policy()``; a policy whose ``gates`` differ from the model's is refused by the forward.
+
+    Args:
+        threshold: τ in (0, 1].
+        gates: the gate kind the model was built with (``ee.config.gates``).
+    """
+
+    def __init__(self, threshold: float = 0.5, gates: str = "hazard") -> None:
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0.0 < threshold <= 1.0:
+            raise EexitValueError(
+                f"threshold (τ) must be in (0, 1], got {threshold!r}; τ = 1 keeps every sample to the last exit."
+            )
+        if gates not in GATE_KINDS:
+            raise EexitValueError(f"gates={gates!r} is not a gate kind; expected one of {list(GATE_KINDS)}.")
+        self.threshold = float(threshold)
+        self.gates = gates
+
+    def score(
+        self, exit_index: int, logits: torch.Tensor, gate_logit: torch.Tensor | None, state: ExitState
+    ) -> torch.Tensor:
+        """P(G=l) / P(G>=l) of the running samples at this exit, ``[b]``, the quantity compared with τ."""
+        if gate_logit is None:
+            raise EexitValueError("GatePolicy needs gates; this model has none at this exit.")
+        g = torch.sigmoid(gate_logit.float())  # [b]
+        if self.gates == "hazard":
+            return g
+        return conditional_exit_probability(g, state.gate_sum, state.prob_sum)
 
     def __call__(
         self, exit_index: int, logits: torch.Tensor, gate_logit: torch.Tensor | None, state: ExitState
     ) -> torch.Tensor:
-        if gate_logit is None:
-            raise EexitValueError("GatePolicy needs gates; this model has none at this exit.")
-        g = torch.sigmoid(gate_logit.float())
-        return conditional_exit_probability(g, state.gate_sum, state.prob_sum) >= self.threshold
+        return self.score(exit_index, logits, gate_logit, state) >= self.threshold
+
+    def __repr__(self) -> str:
+        return f"GatePolicy(threshold={self.threshold:g}, gates={self.gates!r})"
 
 
 class ThresholdPolicy:

@@ -25,7 +25,7 @@ from .backbones.base import BackboneSpec
 from .config import ExitConfig, FitConfig
 from .cost import CostTable
 from .errors import BackboneError, EexitTypeError, EexitValueError
-from .gates import Gate, exit_probabilities
+from .gates import ExitHistory, Gate, exit_probabilities
 from .heads import ExitHead
 from .inference import ExitPolicy, ExitState, GatePolicy
 
@@ -58,10 +58,12 @@ class AllExitsOutput:
     Attributes:
         logits: ``[E, B, C]``, the last row from the backbone's own head when it has one.
         gate_logits: pre-sigmoid gate outputs of the E-1 intermediate exits, ``[E-1, B]``.
+        gates: the gate kind (``ExitConfig.gates``), which says how gate values make exit probabilities.
     """
 
     logits: torch.Tensor
     gate_logits: torch.Tensor
+    gates: str = "hazard"
 
     @property
     def gate_values(self) -> torch.Tensor:
@@ -69,8 +71,8 @@ class AllExitsOutput:
 
     @property
     def exit_probs(self) -> torch.Tensor:
-        """P(G=l|x) under the additive model, ``[E, B]``."""
-        return exit_probabilities(self.gate_values)
+        """P(G=l|x) under the gates' exit-probability model, ``[E, B]``."""
+        return exit_probabilities(self.gate_values, self.gates)
 
 
 class _AllExited(Exception):
@@ -88,6 +90,7 @@ class _Run:
     policy: ExitPolicy | None = None
     logits: list[torch.Tensor] = field(default_factory=list)
     gate_logits: list[torch.Tensor] = field(default_factory=list)
+    history: ExitHistory | None = None  # all-exits mode, for gates that read earlier exits
     features: list[torch.Tensor] = field(default_factory=list)
     out_logits: torch.Tensor | None = None
     out_exit: torch.Tensor | None = None
@@ -145,6 +148,8 @@ class EarlyExitModel(nn.Module):
             for b in self.exit_blocks
         )
         self.gates = nn.ModuleList(Gate(config.gate_features) for _ in range(self.num_exits - 1))
+        # Only gates that read earlier exits pay for carrying their history through the forward.
+        self.uses_history = any(gate.uses_history for gate in self.gates)
         self.cost_table: CostTable | None = None
         self.fit_config: FitConfig | None = None
         self.history: list[dict[str, float]] = []
@@ -277,11 +282,27 @@ class EarlyExitModel(nn.Module):
 
         return detach(self)
 
+    def default_policy(self, threshold: float | None = None) -> GatePolicy:
+        """The gates' deterministic rule for this model's gate kind, at ``threshold`` (default ``config.threshold``)."""
+        return GatePolicy(self.config.threshold if threshold is None else threshold, self.config.gates)
+
+    def _check_policy(self, policy: ExitPolicy | None) -> ExitPolicy:
+        if policy is None:
+            return self.default_policy()
+        if isinstance(policy, GatePolicy) and policy.gates != self.config.gates:
+            raise EexitValueError(
+                f"{policy!r} reads {policy.gates!r} gates, but this model's gates are {self.config.gates!r}; the "
+                f"exit probabilities would be misread. Use ee.default_policy({policy.threshold:g})."
+            )
+        return policy
+
     # ------------------------------------------------------------------ hooks
-    def _exit_step(self, k: int, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """IM k and, for an intermediate exit, gate k on pooled features ``[b, D]``."""
+    def _exit_step(
+        self, k: int, features: torch.Tensor, history: ExitHistory | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """IM k and, for an intermediate exit, gate k on pooled features ``[b, D]`` (and the earlier exits)."""
         logits = self.heads[k](features)  # [b, C]
-        gate_logit = self.gates[k](logits) if k < self.num_exits - 1 else None  # [b]
+        gate_logit = self.gates[k](logits, history) if k < self.num_exits - 1 else None  # [b]
         return logits, gate_logit
 
     def _make_hook(self, k: int) -> Callable[..., Any]:
@@ -300,8 +321,11 @@ class EarlyExitModel(nn.Module):
                 if is_final_im:
                     raise _AllExited
                 return None
-            logits, gate_logit = self._exit_step(k, features)
+            history = run.state.history if run.state is not None else run.history
+            logits, gate_logit = self._exit_step(k, features, history)
             if run.mode == "all":
+                if run.history is not None:
+                    run.history = run.history.after(logits)
                 run.logits.append(logits)
                 if gate_logit is not None:
                     run.gate_logits.append(gate_logit)
@@ -340,7 +364,7 @@ class EarlyExitModel(nn.Module):
         done, keep = _record_exits(run.out_logits, run.out_exit, state, k, logits, stop)  # type: ignore[arg-type]
         if done:
             raise _AllExited
-        state.advance(gate_logit)
+        state.advance(gate_logit, logits)
         if keep is None:
             return None  # nobody stopped here: hand the block's output on unchanged
         state.keep(keep)
@@ -393,10 +417,11 @@ class EarlyExitModel(nn.Module):
 
     def _run_all_exits(self, pixel_values: torch.Tensor, on_exit: Callable[[], None] | None = None) -> AllExitsOutput:
         run = _Run(owner=self, mode="all", batch=pixel_values.shape[0], on_exit=on_exit)
+        run.history = ExitHistory() if self.uses_history else None
         final = self._call_backbone(run, pixel_values)
         logits = run.logits + ([final] if self.has_backbone_head and final is not None else [])
         gate_logits = torch.stack(run.gate_logits) if run.gate_logits else logits[0].new_zeros(0, logits[0].shape[0])
-        return AllExitsOutput(logits=torch.stack(logits), gate_logits=gate_logits)
+        return AllExitsOutput(logits=torch.stack(logits), gate_logits=gate_logits, gates=self.config.gates)
 
     def exit_features(self, pixel_values: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor | None]:
         """Pooled features at every IM exit and the backbone head's logits (``None`` without a head).
@@ -418,15 +443,18 @@ class EarlyExitModel(nn.Module):
     def outputs_from_features(self, features: list[torch.Tensor], final_logits: torch.Tensor | None) -> AllExitsOutput:
         """All-exit outputs computed from cached :meth:`exit_features` (same result as ``all_exits=True``)."""
         logits, gate_logits = [], []
+        history = ExitHistory() if self.uses_history else None
         for k, feats in enumerate(features):
-            im_logits, gate_logit = self._exit_step(k, feats)
+            im_logits, gate_logit = self._exit_step(k, feats, history)
+            if history is not None:
+                history = history.after(im_logits)
             logits.append(im_logits)
             if gate_logit is not None:
                 gate_logits.append(gate_logit)
         if final_logits is not None:
             logits.append(final_logits)
         gates = torch.stack(gate_logits) if gate_logits else logits[0].new_zeros(0, logits[0].shape[0])
-        return AllExitsOutput(logits=torch.stack(logits), gate_logits=gates)
+        return AllExitsOutput(logits=torch.stack(logits), gate_logits=gates, gates=self.config.gates)
 
     def forward(
         self, pixel_values: torch.Tensor, *, all_exits: bool = False, policy: ExitPolicy | None = None
@@ -445,8 +473,8 @@ class EarlyExitModel(nn.Module):
         run = _Run(
             owner=self,
             mode="early",
-            state=ExitState.start(batch, device),
-            policy=policy or GatePolicy(self.config.threshold),
+            state=ExitState.start(batch, device, with_history=self.uses_history),
+            policy=self._check_policy(policy),
         )
         run.out_exit = torch.full((batch,), self.num_exits - 1, dtype=torch.long, device=device)
         final = self._call_backbone(run, pixel_values)

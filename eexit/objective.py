@@ -4,7 +4,9 @@ Notation (``reference/jei-dnn.md`` sections 1.5 and 3.2): E exits, B samples, C 
 
 * cost of exiting at l:           C_il = CE(y_i, IM_l(x_i)) + λ·IC_l
 * best exit:                      l*_i = argmin_l C_il
-* gate (outer) targets:           t_ij = 1 if j >= l*_i else 0, for the E-1 gates
+* gate (outer) targets:           paper gates: t_ij = 1 if j >= l*_i else 0 (a CDF), for the E-1 gates;
+                                  hazard gates: h_ij = 1 if C_ij <= min_{m>j} C_im (exit j is the best of the
+                                  exits still ahead), see hazard_targets
 * gate loss:                      BCE-with-logits, positives of gate j weighted by r_j = min((N - n_j)/n_j, cap)
                                   with n_j the validation samples whose l* = j (recomputed each epoch),
                                   bounded below by 1/cap (see gate_pos_weights)
@@ -29,9 +31,12 @@ __all__ = [
     "gate_pos_weights",
     "gate_targets",
     "gate_weights",
+    "hazard_targets",
     "im_loss",
+    "mixed_weights",
     "optimal_exit",
     "per_exit_ce",
+    "task_pos_weights",
     "uniform_weights",
 ]
 
@@ -103,6 +108,43 @@ def gate_targets(best_exit: torch.Tensor, num_exits: int) -> torch.Tensor:
     return (gates >= best_exit.unsqueeze(0)).float()  # [E-1, B]
 
 
+def hazard_targets(costs: torch.Tensor) -> torch.Tensor:
+    """Hazard targets: gate j should fire (1) when exit j is the best of the exits j, j+1, ... still ahead.
+
+    h_ij = [C_ij <= min_{m>j} C_im], ties going to the earlier exit as in :func:`optimal_exit`. A calibrated
+    hazard gate estimates P(exit here is best | the sample got here), which is what the product model and the rule
+    "exit when h_j >= τ" read (``eexit.gates``). The first gate that fires on these targets is at l*.
+
+    Args:
+        costs: C_il ``[E, B]`` from :func:`exit_costs`.
+
+    Returns:
+        ``[E-1, B]`` float targets.
+    """
+    if costs.shape[0] < 2:
+        return costs.new_zeros(0, costs.shape[1])
+    # min over the later exits m > j: a reverse cumulative minimum, [E-1, B]
+    later = torch.flip(torch.cummin(torch.flip(costs[1:], dims=[0]), dim=0).values, dims=[0])
+    return (costs[:-1] <= later).float()  # [E-1, B]
+
+
+def task_pos_weights(targets: torch.Tensor, weights: torch.Tensor | None = None, cap: float = 5.0) -> torch.Tensor:
+    """r_j = clamp(negatives_j / positives_j, 1/cap, cap) of gate j's own targets (``pos_weight="task"``).
+
+    Unlike :func:`gate_pos_weights` (the authors' counts of l* = j), these are the counts of the task gate j is
+    trained on, on the samples the loss sees (optionally weighted).
+
+    Args:
+        targets: ``[E-1, B]`` 0/1 targets.
+        weights: optional ``[E-1, B]`` sample weights.
+        cap: bound of the ratio.
+    """
+    w = torch.ones_like(targets) if weights is None else weights.to(targets)
+    pos = (w * targets).sum(dim=1).clamp(min=1e-6)  # [E-1]
+    neg = (w * (1 - targets)).sum(dim=1)
+    return (neg / pos).clamp(min=1.0 / cap, max=cap)  # [E-1]
+
+
 def gate_pos_weights(best_exit: torch.Tensor, num_exits: int, cap: float = 5.0) -> torch.Tensor:
     """Positive weights r_j = clamp((N - n_j) / n_j, 1/cap, cap) of the E-1 gates, n_j floored at 0.1.
 
@@ -143,6 +185,17 @@ def gate_weights(ce: torch.Tensor, exit_probs: torch.Tensor | None = None) -> to
     return exit_probs.detach().to(ce)
 
 
+def mixed_weights(ce: torch.Tensor, exit_probs: torch.Tensor | None = None, beta: float = 0.5) -> torch.Tensor:
+    """(1 - β)/E + β·P(G=l|x), detached and not renormalised per sample (``im_weighting="mixed"``).
+
+    Every IM keeps a floor (1 - β)/E of every sample, so the late IMs that few samples reach do not starve, and
+    a sample certain to exit at l still pushes the other IMs only by that floor.
+    """
+    if exit_probs is None:
+        raise ValueError("mixed_weights needs the exit probabilities")
+    return (1.0 - beta) / ce.shape[0] + beta * exit_probs.detach().to(ce)
+
+
 def depth_weights(ce: torch.Tensor, exit_probs: torch.Tensor | None = None) -> torch.Tensor:
     """Warm-up weights: IM l gets (E - l) for l = 0..E-1, normalised to sum to 1 (earlier IMs weigh more)."""
     num_exits = ce.shape[0]
@@ -150,7 +203,12 @@ def depth_weights(ce: torch.Tensor, exit_probs: torch.Tensor | None = None) -> t
     return (w / w.sum()).unsqueeze(1).expand_as(ce)
 
 
-WEIGHTINGS: dict[str, Weighting] = {"uniform": uniform_weights, "gate": gate_weights, "depth": depth_weights}
+WEIGHTINGS: dict[str, Weighting] = {
+    "uniform": uniform_weights,
+    "gate": gate_weights,
+    "mixed": mixed_weights,
+    "depth": depth_weights,
+}
 
 
 def im_loss(ce: torch.Tensor, weights: torch.Tensor, trainable: torch.Tensor | None = None) -> torch.Tensor:

@@ -31,7 +31,8 @@ from torch import nn
 from .backbones.base import BackboneSpec
 from .config import ExitConfig
 from .errors import BackboneError, EexitValueError
-from .inference import ExitPolicy, ExitState, GatePolicy
+from .gates import ExitHistory
+from .inference import ExitPolicy, ExitState
 from .model import AllExitsOutput, EarlyExitModel, EarlyExitOutput, _record_exits
 
 __all__ = ["StagedEarlyExitModel", "StagedSpec"]
@@ -155,12 +156,21 @@ class StagedEarlyExitModel(EarlyExitModel):
 
     # ------------------------------------------------------------------ one exit
     def _exit_logits(
-        self, k: int, feature: torch.Tensor, logits: list[torch.Tensor]
+        self, k: int, feature: torch.Tensor, logits: list[torch.Tensor], history: ExitHistory | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Exit k's logits [b, C] (and gate logit [b] but at the last exit) from its feature and earlier logits."""
         head = self.heads[k] if k < self.num_exits - 1 else self.backbone.get_submodule(self._final_name)
         out = head(self.spec.classifier_input(self.backbone, k, feature, logits))  # [b, C]
-        return out, (self.gates[k](out) if k < self.num_exits - 1 else None)
+        return out, (self.gates[k](out, history) if k < self.num_exits - 1 else None)
+
+    def _history_of(self, logits: list[torch.Tensor]) -> ExitHistory | None:
+        """The gates' view of the earlier exits, from their logits (``None`` when the gates do not read it)."""
+        if not self.uses_history:
+            return None
+        history = ExitHistory()
+        for earlier in logits:
+            history = history.after(earlier)
+        return history
 
     def _check_input(self, pixel_values: Any) -> torch.Tensor:
         if self._restore is None and self.cost_table is not None:
@@ -184,13 +194,13 @@ class StagedEarlyExitModel(EarlyExitModel):
         gate_logits: list[torch.Tensor] = []
         for k in range(self.num_exits):
             state, feature = self.spec.run_stage(self.backbone, k, state)
-            out, gate_logit = self._exit_logits(k, feature, logits)
+            out, gate_logit = self._exit_logits(k, feature, logits, self._history_of(logits))
             logits.append(out)
             if gate_logit is not None:
                 gate_logits.append(gate_logit)
                 if on_exit is not None:  # the cost table reads the FLOPs spent so far here
                     on_exit()
-        return AllExitsOutput(logits=torch.stack(logits), gate_logits=torch.stack(gate_logits))
+        return AllExitsOutput(logits=torch.stack(logits), gate_logits=torch.stack(gate_logits), gates=self.config.gates)
 
     def exit_features(self, pixel_values: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor | None]:
         """Every exit's feature (final exit included) and ``None``: the last exit's logits depend on the IMs.
@@ -214,11 +224,11 @@ class StagedEarlyExitModel(EarlyExitModel):
         logits: list[torch.Tensor] = []
         gate_logits: list[torch.Tensor] = []
         for k, feature in enumerate(features):
-            out, gate_logit = self._exit_logits(k, feature, logits)
+            out, gate_logit = self._exit_logits(k, feature, logits, self._history_of(logits))
             logits.append(out)
             if gate_logit is not None:
                 gate_logits.append(gate_logit)
-        return AllExitsOutput(logits=torch.stack(logits), gate_logits=torch.stack(gate_logits))
+        return AllExitsOutput(logits=torch.stack(logits), gate_logits=torch.stack(gate_logits), gates=self.config.gates)
 
     def forward(
         self, pixel_values: torch.Tensor, *, all_exits: bool = False, policy: ExitPolicy | None = None
@@ -231,16 +241,16 @@ class StagedEarlyExitModel(EarlyExitModel):
         pixel_values = self._check_input(pixel_values)
         if all_exits:
             return self._run_all_exits(pixel_values)
-        policy = policy or GatePolicy(self.config.threshold)
+        policy = self._check_policy(policy)
         batch, device = pixel_values.shape[0], pixel_values.device
-        running = ExitState.start(batch, device)
+        running = ExitState.start(batch, device, with_history=self.uses_history)
         out_exit = torch.full((batch,), self.num_exits - 1, dtype=torch.long, device=device)
         out_logits: torch.Tensor | None = None
         state = self.spec.start(self.backbone, pixel_values)
         logits: list[torch.Tensor] = []  # earlier exits' logits of the running samples, for the isc links
         for k in range(self.num_exits):
             state, feature = self.spec.run_stage(self.backbone, k, state)
-            out, gate_logit = self._exit_logits(k, feature, logits)  # [b, C], [b]
+            out, gate_logit = self._exit_logits(k, feature, logits, running.history)  # [b, C], [b]
             if out_logits is None:
                 out_logits = out.new_zeros(batch, out.shape[-1])
             last = k == self.num_exits - 1
@@ -248,7 +258,7 @@ class StagedEarlyExitModel(EarlyExitModel):
             done, keep = _record_exits(out_logits, out_exit, running, k, out, stop)
             if last or done:
                 break
-            running.advance(gate_logit)
+            running.advance(gate_logit, out)
             logits.append(out)
             if keep is not None:
                 running.keep(keep)

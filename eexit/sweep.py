@@ -22,7 +22,6 @@ from . import metrics
 from .data import FeatureCache, check_loader
 from .errors import EexitTypeError, EexitValueError
 from .evaluate import CollectedOutputs, EvaluationReport, collect_outputs, evaluate_outputs
-from .gates import conditional_exit_probability
 from .inference import ExitState, GatePolicy, decide_exits
 from .model import EarlyExitModel
 from .train import fit
@@ -171,7 +170,7 @@ def sweep_lambda(
         caches["test"] = _cache(ee, test_loader, "test_loader")
     initial = ee.adapter_state_dict()
     saved = (ee.fit_config, list(ee.history), ee.evaluation)
-    policy = GatePolicy(ee.config.threshold)
+    policy = ee.default_policy()
     points = []
     try:
         for lam, name in zip(values, names):
@@ -196,7 +195,8 @@ def sweep_lambda(
 class _Conditional:
     """A policy that lets every sample run on and records P(G=l)/P(G>=l) at each exit (what GatePolicy compares)."""
 
-    def __init__(self) -> None:
+    def __init__(self, policy: GatePolicy) -> None:
+        self.policy = policy
         self.values: list[torch.Tensor] = []
 
     def __call__(
@@ -204,8 +204,7 @@ class _Conditional:
     ) -> torch.Tensor:
         if gate_logit is None:
             raise EexitValueError("budget mode needs gates; this model has none at this exit.")
-        g = torch.sigmoid(gate_logit.float())  # [b], as GatePolicy computes it
-        self.values.append(conditional_exit_probability(g, state.gate_sum, state.prob_sum))
+        self.values.append(self.policy.score(exit_index, logits, gate_logit, state))
         return torch.zeros_like(state.positions, dtype=torch.bool)
 
 
@@ -216,7 +215,7 @@ def budget_threshold(ee: EarlyExitModel, val_loader: Any, target_cost_fraction: 
     threshold t can only make samples exit earlier: the average cost is non-decreasing in t. The cost only
     changes where t crosses one of the c_l values, so the search bisects over those values and returns the
     largest threshold whose average cost is at most the target (the most accurate use of the budget, up to
-    one sample's move between exits). Use it as ``GatePolicy(t)`` or set ``ee.config.threshold = t``.
+    one sample's move between exits). Use it as ``ee.default_policy(t)`` or set ``ee.config.threshold = t``.
 
     Args:
         ee: a trained model with gates.
@@ -246,13 +245,13 @@ def budget_threshold(ee: EarlyExitModel, val_loader: Any, target_cost_fraction: 
             "that range."
         )
     out = _as_outputs(ee, val_loader, "val_loader")
-    recorder = _Conditional()
+    recorder = _Conditional(ee.default_policy())
     decide_exits(out.logits, out.gate_logits, recorder)
     values = torch.cat(recorder.values)
     candidates = [*torch.unique(values[values > 0]).tolist(), 1.0]  # sorted; cost is constant between them
 
     def cost(t: float) -> float:
-        taken = decide_exits(out.logits, out.gate_logits, GatePolicy(t))  # [N]
+        taken = decide_exits(out.logits, out.gate_logits, ee.default_policy(t))  # [N]
         return metrics.expected_cost(taken, ee.cost_table.exit_flops) / ee.cost_table.backbone_flops
 
     lo, hi = 0, len(candidates) - 1

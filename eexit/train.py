@@ -10,6 +10,11 @@ The loop, top to bottom (``reference/jei-dnn.md`` section 3.2):
      the validation set (recomputed at the start of every epoch);
    * IM:   Σ_l w_il·CE_il with w the detached P(G=l|x) (``im_weighting="gate"``) or 1/E (``"uniform"``);
 4. after every epoch, validate with the deterministic exit rule; keep the best (or last) adapter state.
+
+That is the paper's gates (``ExitConfig(gates="paper")``), kept exactly. The default hazard gates change what
+the gate phase fits (``FitConfig`` docs, ``eexit.gate_fit``): targets [exit j is the best of the exits still
+ahead], gates refitted exactly after warm-up and after each epoch on the held-out validation outputs, so every
+batch of an epoch trains the IMs, with weights (1 - β)/E + β·P(G=l|x).
 """
 
 from __future__ import annotations
@@ -28,7 +33,8 @@ from tqdm.auto import tqdm
 from .config import FitConfig
 from .data import FeatureCache, check_images, check_labels, check_loader, estimated_cache_bytes, unpack_batch
 from .errors import EexitTypeError, EexitValueError, TrainingError
-from .inference import GatePolicy, decide_exits
+from .gate_fit import solve_gates
+from .inference import decide_exits
 from .model import AllExitsOutput, EarlyExitModel
 from .objective import (
     WEIGHTINGS,
@@ -37,9 +43,12 @@ from .objective import (
     gate_loss,
     gate_pos_weights,
     gate_targets,
+    hazard_targets,
     im_loss,
+    mixed_weights,
     optimal_exit,
     per_exit_ce,
+    task_pos_weights,
 )
 
 __all__ = ["Phase", "fit", "phase_at", "priced_ic", "validate"]
@@ -59,6 +68,8 @@ class Phase(enum.Enum):
 def phase_at(epoch: int, step: int, config: FitConfig) -> Phase:
     """Which phase a batch belongs to: warm-up epochs first, then GATE/IM alternating every K batches.
 
+    With ``gate_fit="exact"`` the gates are solved between epochs, so every batch after warm-up is IM.
+
     Args:
         epoch: 0-based epoch.
         step: batches trained since warm-up ended (counted across epochs).
@@ -66,6 +77,8 @@ def phase_at(epoch: int, step: int, config: FitConfig) -> Phase:
     """
     if epoch < config.warmup_epochs:
         return Phase.WARMUP
+    if config.gate_fit == "exact":
+        return Phase.IM
     return Phase.GATE if (step // config.phase_batches) % 2 == 0 else Phase.IM
 
 
@@ -111,10 +124,21 @@ def _loss(
     if ee.has_backbone_head and not config.train_backbone:
         trainable[-1] = False  # the frozen backbone head cannot learn; its CE only shapes the weights
     if phase is Phase.GATE:
-        best = optimal_exit(exit_costs(ce.detach(), priced_ic(ee, config).to(ce.device), config.lam))  # [B]
-        return gate_loss(out.gate_logits, gate_targets(best, ee.num_exits), pos_weight)
+        costs = exit_costs(ce.detach(), priced_ic(ee, config).to(ce.device), config.lam)  # [E, B]
+        if ee.config.gates == "hazard":
+            targets = hazard_targets(costs)
+        else:
+            targets = gate_targets(optimal_exit(costs), ee.num_exits)
+        if config.pos_weight == "task":
+            pos_weight = task_pos_weights(targets, cap=config.pos_weight_cap)
+        elif config.pos_weight == "none":
+            pos_weight = torch.ones_like(pos_weight)
+        return gate_loss(out.gate_logits, targets, pos_weight)
     if phase is Phase.WARMUP:
         weights = WEIGHTINGS[config.warmup_weighting](ce, None)
+    elif config.im_weighting == "mixed":
+        # Not renormalised per sample (not even over the exits that learn): that is the point of the mix.
+        return im_loss(ce, mixed_weights(ce, out.exit_probs.detach(), config.im_mix), trainable)
     else:
         probs = out.exit_probs.detach() if config.im_weighting == "gate" else None
         weights = WEIGHTINGS[config.im_weighting](ce, probs)
@@ -166,7 +190,7 @@ def validate(
     price = priced_ic(ee, config)
     correct = cost = objective = count = 0.0
     best: list[torch.Tensor] = []
-    policy = GatePolicy(ee.config.threshold)
+    policy = ee.default_policy()
     for out, labels in _batches(ee, source, config, False, torch.Generator(), grad=False):
         ce = per_exit_ce(out.logits, labels)  # [E, B]
         best.append(optimal_exit(exit_costs(ce, price.to(ce.device), config.lam)).cpu())
@@ -180,6 +204,29 @@ def validate(
     ee.train(was_training)
     metrics = {"accuracy": correct / count, "cost_fraction": cost / count, "objective": objective / count}
     return metrics, torch.cat(best)
+
+
+def _cycle(
+    ee: EarlyExitModel, source: FeatureCache | Iterable[Any], config: FitConfig, generator: torch.Generator
+) -> Iterator[tuple[AllExitsOutput, torch.Tensor]]:
+    """Shuffled batches of ``source`` without end (gate batches drawn from the held-out split)."""
+    while True:
+        yield from _batches(ee, source, config, True, generator, grad=True)
+
+
+def _solve_gates(
+    ee: EarlyExitModel, source: FeatureCache | Iterable[Any], config: FitConfig, generator: torch.Generator
+) -> dict[str, Any]:
+    """One exact gate phase: every gate refitted on ``source`` with the IMs as they are now."""
+    was_training = ee.training
+    ee.eval()
+    try:
+        with torch.no_grad():
+            return solve_gates(
+                ee, _batches(ee, source, config, False, generator, grad=False), priced_ic(ee, config), config
+            )
+    finally:
+        ee.train(was_training)
 
 
 def _snapshot(ee: EarlyExitModel, with_backbone: bool) -> dict[str, Any]:
@@ -269,6 +316,7 @@ def fit(
     if lam is not None:
         overrides["lam"] = lam
     config = replace(config or FitConfig(), **overrides) if overrides else (config or FitConfig())
+    config = config.resolved(ee.config.gates)  # every "auto" made explicit: the record says what ran
     check_loader(train_loader, "train_loader")
     check_loader(val_loader, "val_loader")
     for name, source in (("train_loader", train_loader), ("val_loader", val_loader)):
@@ -310,15 +358,20 @@ def _fit_loop(
     optimizer = _make_optimizer(ee, config)
     device = next(ee.parameters()).device
     pos_weight = torch.ones(max(ee.num_exits - 1, 0), device=device)
+    gate_src = val_src if config.gate_data == "val" else train_src
+    exact = config.gate_fit == "exact" and ee.num_exits > 1
     good = _snapshot(ee, config.train_backbone)
     best_state, best_objective = good, math.inf
     history: list[dict[str, float]] = []
     step = 0
+    gate_batches: Iterator[tuple[AllExitsOutput, torch.Tensor]] | None = None
     bar = tqdm(range(config.epochs), desc=f"JEI-DNN λ={config.lam:g}", disable=not config.progress)
     for epoch in bar:
         for group in optimizer.param_groups:
             group["lr"] = group["base_lr"] * _lr_factor(epoch, config)
-        if epoch >= config.warmup_epochs and ee.num_exits > 1:
+        if exact and epoch == 0 and config.warmup_epochs == 0:
+            _solve_gates(ee, gate_src, config, generator)  # the first IM epoch needs gates fitted to the IMs
+        elif epoch >= config.warmup_epochs and ee.num_exits > 1 and config.pos_weight == "paper":
             _, best_exit = validate(ee, val_src, config)
             pos_weight = gate_pos_weights(best_exit, ee.num_exits, config.pos_weight_cap).to(device)
         ee.train(True)
@@ -328,6 +381,10 @@ def _fit_loop(
             phase = phase_at(epoch, step, config)
             if phase is Phase.GATE and ee.num_exits < 2:
                 phase = Phase.IM
+            if phase is Phase.GATE and gate_src is not train_src:
+                # Gates learn from held-out outputs: the gate phase's batch comes from the gate split instead.
+                gate_batches = gate_batches or _cycle(ee, gate_src, config, generator)
+                out, labels = next(gate_batches)
             loss = _loss(out, labels, phase, ee, config, pos_weight)
             if not torch.isfinite(loss):
                 _restore(ee, good)
@@ -343,8 +400,13 @@ def _fit_loop(
             counts[phase] += 1
             if phase is not Phase.WARMUP:
                 step += 1
+        solved = {}
+        if exact and epoch + 1 >= config.warmup_epochs:
+            # After the last warm-up epoch and after every IM epoch: the next epoch's IM weights and this epoch's
+            # validation read gates fitted to the IMs as they are now.
+            solved = _solve_gates(ee, gate_src, config, generator)
         metrics, _ = validate(ee, val_src, config)
-        record = {"epoch": float(epoch), **{f"val_{k}": v for k, v in metrics.items()}}
+        record = {"epoch": float(epoch), **{f"val_{k}": v for k, v in metrics.items()}, **solved}
         for phase in Phase:
             if counts[phase]:
                 record[f"{phase.value}_loss"] = totals[phase] / counts[phase]

@@ -166,7 +166,7 @@ def test_swin_downsampling_is_in_the_next_exits_cost(name, downsample, first_blo
         ee.spec.call(ee.backbone, torch.zeros(1, 3, IMG, IMG))
     merge, block = _module_flops(counter, downsample), _module_flops(counter, first_block)
     assert merge > 0
-    head, gate = 2 * 32 * CLASSES, 2 * 4  # the stage-1 IM (width 32) and its gate
+    head, gate = 2 * 32 * CLASSES, 2 * len(ee.gates[0].features)  # the stage-1 IM (width 32) and its gate
     flops = ee.cost_table.exit_flops  # exits after blocks 0, 1 (stage 0), 2 (stage 1), then the head
     assert flops[2] - flops[1] == pytest.approx(merge + block + head + gate, abs=0.5)
     assert [h.width for h in ee.heads] == [16, 16, 32]

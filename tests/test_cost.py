@@ -15,7 +15,7 @@ from eexit.errors import EexitValueError
 N, D, C = (IMG // 8) ** 2 + 1, 32, 5  # tokens (16 patches + CLS), width, classes of the tiny timm ViT
 BLOCK = 2 * N * D * 3 * D + 2 * N * D * D + 2 * 2 * N * D * 4 * D + 4 * N * N * D  # qkv, proj, mlp, attention
 PATCH = 2 * 16 * (3 * 8 * 8) * D
-HEAD, GATE = 2 * D * C, 2 * 4 * 1
+HEAD, GATE = 2 * D * C, 2 * len(eexit.ExitConfig().gate_features) * 1  # the default gate: Linear(F, 1)
 
 
 def test_cost_table_matches_analytic_vit_flops():

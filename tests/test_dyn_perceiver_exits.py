@@ -17,13 +17,13 @@ import eexit.models.dynamic_perceiver  # registers the timm models
 from eexit.backbones.dynamic_perceiver import DynPerceiverSpec
 from eexit.cost import flop_counter
 from eexit.errors import AdapterError, EexitValueError
-from eexit.gates import gate_statistics
-from eexit.inference import FixedExitPolicy, GatePolicy, decide_exits
+from eexit.gates import ExitHistory, gate_statistics
+from eexit.inference import FixedExitPolicy, decide_exits
 from eexit.staged import StagedEarlyExitModel
 
 IMG = 32
 SIZE = (3, IMG, IMG)
-GATE = 2 * 4 * 1  # FLOPs of one Linear(4, 1) gate
+GATE = 2 * len(eexit.ExitConfig().gate_features) * 1  # FLOPs of one default Linear(F, 1) gate
 
 
 def _tiny(seed: int = 0, **overrides: object) -> nn.Module:
@@ -43,18 +43,24 @@ def _images(batch: int = 7, seed: int = 1) -> torch.Tensor:
 
 
 def _spread_gates(ee: StagedEarlyExitModel, x: torch.Tensor, seed: int = 0) -> None:
-    """Calibrate each gate on ``x`` so that about half of the samples exit there, none near the boundary."""
+    """Calibrate each (hazard) gate on ``x`` so that about half of the samples reaching it exit there."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         logits = ee(x, all_exits=True).logits  # [E, B, C]; gates do not change logits
+        history = ExitHistory()
+        reaching = torch.ones(x.shape[0], dtype=torch.bool)
         for k, gate in enumerate(ee.gates):
-            stats = gate_statistics(logits[k], gate.features)  # [B, F]
+            stats = gate_statistics(logits[k], gate.features, history)  # [B, F]
+            history = history.after(logits[k])
             direction = torch.randn(stats.shape[1], generator=g)
-            order = (stats @ direction).sort().values
+            proj = stats @ direction  # [B]
+            # centred on the samples that reach this gate, so that (hazard rule) half of them exit here
+            order = proj[reaching].sort().values
             centre = (order[len(order) // 2 - 1] + order[len(order) // 2]) / 2
             scale = 4.0 / order.std()
             gate.linear.weight.copy_((direction * scale).unsqueeze(0))
             gate.linear.bias.fill_(float(-centre * scale))
+            reaching &= proj < centre
 
 
 def _attached(seed: int = 0, **kwargs: object) -> StagedEarlyExitModel:
@@ -144,7 +150,7 @@ def test_early_exit_equals_run_all_then_decide(batch):
     x = calibration[:batch]
     with torch.no_grad():
         full = ee(x, all_exits=True)
-        expected = decide_exits(full.logits, full.gate_logits, GatePolicy(0.5))
+        expected = decide_exits(full.logits, full.gate_logits, ee.default_policy(0.5))
         out = ee(x)
     assert torch.equal(out.exit_index, expected)
     assert torch.allclose(out.logits, full.logits[expected, torch.arange(batch)], atol=1e-5, rtol=1e-4)

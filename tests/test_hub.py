@@ -18,7 +18,7 @@ from safetensors.torch import load as load_safetensors
 
 import eexit
 from eexit import hub
-from eexit.config import FitConfig
+from eexit.config import FORMAT_VERSION, FitConfig
 from eexit.errors import AdapterError
 
 FILES = {"eexit_config.json", "eexit_adapter.safetensors", "README.md"}
@@ -103,10 +103,14 @@ def test_saved_files_have_stable_names_and_metadata(tmp_path):
         f"gates.{i}.linear.{p}" for i in range(3) for p in ("weight", "bias")
     }
     header = json.loads(raw[8 : 8 + int.from_bytes(raw[:8], "little")])["__metadata__"]
-    assert header["library"] == "eexit" and header["format_version"] == "1" and header["backbone_family"] == "timm_vit"
+    assert (
+        header["library"] == "eexit"
+        and header["format_version"] == str(FORMAT_VERSION)
+        and header["backbone_family"] == "timm_vit"
+    )
     assert all(isinstance(v, str) for v in header.values())
     meta = json.loads((path / "eexit_config.json").read_text())
-    assert meta["format_version"] == 1 and meta["backbone"]["family"] == "timm_vit"
+    assert meta["format_version"] == FORMAT_VERSION and meta["backbone"]["family"] == "timm_vit"
     assert meta["backbone"]["fingerprint"] == hub.backbone_fingerprint(ee.backbone)
     assert meta["tensors"]["sha256"] == hashlib.sha256(raw).hexdigest()
     assert meta["fit_config"]["lam"] == 0.25 and meta["num_classes"] == 5 and meta["feature_width"] == 32

@@ -15,6 +15,7 @@ from safetensors.torch import save as save_safetensors
 from test_hub import assert_untouched, fresh_copy, offline_hub, state_of, trained  # noqa: F401 (autouse fixture)
 
 from eexit import hub
+from eexit.config import FORMAT_VERSION
 from eexit.errors import AdapterError
 
 
@@ -137,7 +138,9 @@ def test_config_for_another_backbone_family(saved):
 def test_newer_format_version_fails_clearly(saved):
     path, model = saved
     edit_config(path, lambda meta: meta.update(format_version=99))
-    refused(model, path, "format_version=99, but this eexit reads format_version 1..1.*pip install -U eexit")
+    refused(
+        model, path, f"format_version=99, but this eexit reads format_version 1..{FORMAT_VERSION}.*pip install -U eexit"
+    )
 
 
 def test_unknown_keys_from_a_newer_eexit_warn_and_are_dropped(saved):

@@ -44,10 +44,10 @@ def test_conditional_probability_and_deterministic_rule():
     # g = (0.3, 0.5, 0.4): c1 = .3 (stay), c2 = .5/.7 = .714 (exit at exit 1 with threshold .5)
     g = torch.tensor([[0.3], [0.5], [0.4]])
     logits = torch.zeros(4, 1, 3)
-    exit_index = decide_exits(logits, torch.logit(g), GatePolicy(0.5))
+    exit_index = decide_exits(logits, torch.logit(g), GatePolicy(0.5, "paper"))
     assert exit_index.tolist() == [1]
-    assert exit_index.tolist() == decide_exits(logits, torch.logit(g), GatePolicy(0.7)).tolist()
-    assert decide_exits(logits, torch.logit(g), GatePolicy(0.75)).tolist() == [2]  # c3 = .2/.2 = 1
+    assert exit_index.tolist() == decide_exits(logits, torch.logit(g), GatePolicy(0.7, "paper")).tolist()
+    assert decide_exits(logits, torch.logit(g), GatePolicy(0.75, "paper")).tolist() == [2]  # c3 = .2/.2 = 1
     c2 = conditional_exit_probability(torch.tensor([0.5]), torch.tensor([0.3]), torch.tensor([0.3]))
     assert c2.item() == pytest.approx(0.5 / 0.7)
     # nothing left to exit with: must stop

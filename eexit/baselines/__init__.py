@@ -1,6 +1,8 @@
 """Baselines evaluated on the same backbone, cost table and metrics as JEI-DNN (reference/jei-dnn.md §7).
 
 * confidence thresholds fitted by the MSDNet budgeted-batch protocol (:func:`budgeted_curve`);
+* per-exit thresholds tuned on validation by coordinate descent (:func:`tune_thresholds`), the strongest
+  simple baseline;
 * BoostedNet (:func:`train_boosted`): each IM learns the residual of the ensemble before it;
 * L2W-DEN (:func:`train_l2w`): a meta-learned network weights each sample's per-exit losses.
 
@@ -21,8 +23,10 @@ from eexit.baselines.thresholds import (
     max_probability,
     negative_entropy,
 )
+from eexit.baselines.tuned import DEFAULT_PRICES, tune_thresholds, tuned_threshold_curve
 
 __all__ = [
+    "DEFAULT_PRICES",
     "SCORES",
     "BoostedNet",
     "L2WResult",
@@ -39,4 +43,6 @@ __all__ = [
     "negative_entropy",
     "train_boosted",
     "train_l2w",
+    "tune_thresholds",
+    "tuned_threshold_curve",
 ]
