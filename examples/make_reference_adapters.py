@@ -31,8 +31,8 @@ from torch.utils.data import DataLoader, TensorDataset
 import eexit
 from eexit import metrics
 from eexit._format import safetensors_bytes  # deterministic bytes: regenerating unchanged files changes nothing
-from eexit.gates import conditional_exit_probability
 from eexit.hub import save_pretrained
+from eexit.inference import ExitState
 
 BACKBONE = {
     "model_name": "vit_tiny_patch16_224",
@@ -47,10 +47,13 @@ BACKBONE = {
     },
 }
 # name -> attach overrides and fit settings
+# The first three are format version 1 (made before gate kinds existed, paper gates); regenerating them with this
+# eexit would write version 2, so they are kept as they are (``--only`` makes the others).
 ADAPTERS = {
-    "digits-vit-lam0.02": ({}, {"lam": 0.02}),
-    "digits-vit-lam0.5": ({}, {"lam": 0.5}),
-    "digits-vit-mlp-lam0.2": ({"head": "mlp", "head_hidden": 16}, {"lam": 0.2}),
+    "digits-vit-lam0.02": ({"gates": "paper"}, {"lam": 0.02}),
+    "digits-vit-lam0.5": ({"gates": "paper"}, {"lam": 0.5}),
+    "digits-vit-mlp-lam0.2": ({"gates": "paper", "head": "mlp", "head_hidden": 16}, {"lam": 0.2}),
+    "digits-vit-hazard-lam0.1": ({}, {"lam": 0.1}),  # format version 2: hazard gates with cross-exit inputs
 }
 MARGIN = 0.02  # stored inputs decide at least this far from the gate threshold
 NUM_IO = 48
@@ -114,16 +117,14 @@ def evaluate(ee: eexit.EarlyExitModel, images: torch.Tensor, labels: torch.Tenso
 def decision_margin(ee: eexit.EarlyExitModel, gate_logits: torch.Tensor, exit_index: torch.Tensor) -> torch.Tensor:
     """Per sample, the smallest |P(G=l)/P(G>=l) - threshold| over the exits it visited, ``[B]``."""
     batch = gate_logits.shape[1]
-    gate_sum = torch.zeros(batch)
-    prob_sum = torch.zeros(batch)
+    policy = ee.default_policy()
+    state = ExitState.start(batch, gate_logits.device)
     margin = torch.full((batch,), float("inf"))
     for k in range(gate_logits.shape[0]):
-        g = torch.sigmoid(gate_logits[k].float())
         visited = exit_index >= k
-        distance = (conditional_exit_probability(g, gate_sum, prob_sum) - ee.config.threshold).abs()
+        distance = (policy.score(k, None, gate_logits[k], state) - policy.threshold).abs()
         margin = torch.where(visited, torch.minimum(margin, distance), margin)
-        prob_sum = prob_sum + torch.clamp(torch.minimum(g, 1.0 - gate_sum), min=0.0)
-        gate_sum = gate_sum + g
+        state.advance(gate_logits[k])
     return margin
 
 
@@ -155,6 +156,7 @@ def write_fixtures(folder: Path, ee: eexit.EarlyExitModel, backbone: torch.nn.Mo
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "adapters")
+    parser.add_argument("--only", nargs="+", choices=list(ADAPTERS), help="make only these adapters")
     args = parser.parse_args()
     # One thread: these tensors are tiny (threads only add overhead), and the run repeats bit for bit.
     torch.set_num_threads(1)
@@ -165,6 +167,8 @@ def main() -> None:
     )
     val = DataLoader(TensorDataset(*splits["val"]), batch_size=128)
     for name, (exit_overrides, fit_overrides) in ADAPTERS.items():
+        if args.only and name not in args.only:
+            continue
         torch.manual_seed(0)
         ee = eexit.attach(backbone, **exit_overrides)
         eexit.fit(

@@ -59,7 +59,8 @@ def test_demo_runs_quick(tmp_path, capsys):
 
     assert main(["demo", "--quick", "--out", str(tmp_path), "--lams", "0.1,1.0"]) == 0
     printed = capsys.readouterr().out
-    assert "full backbone" in printed and "JEI-DNN λ=0.1" in printed and "threshold" in printed
+    assert "full backbone" in printed and "eexit default λ=0.1" in printed and "threshold" in printed
+    assert "JEI-DNN paper λ=1" in printed
     assert (tmp_path / "accuracy_cost.png").stat().st_size > 1000
     assert (tmp_path / "adapter" / "eexit_adapter.safetensors").exists()
     assert (tmp_path / "results.json").exists()
