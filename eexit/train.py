@@ -220,11 +220,10 @@ def _solve_gates(
     """One exact gate phase: every gate refitted on ``source`` with the IMs as they are now."""
     was_training = ee.training
     ee.eval()
-    try:
-        with torch.no_grad():
-            return solve_gates(
-                ee, _batches(ee, source, config, False, generator, grad=False), priced_ic(ee, config), config
-            )
+    try:  # the outputs are collected without gradient; L-BFGS enables it for the gates' own solve
+        return solve_gates(
+            ee, _batches(ee, source, config, False, generator, grad=False), priced_ic(ee, config), config
+        )
     finally:
         ee.train(was_training)
 
