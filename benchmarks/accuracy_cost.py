@@ -692,22 +692,20 @@ def main(argv: list[str] | None = None) -> int:
         backbones[seed], spent = make_backbone(setup, seed, splits[0], args.cache)
         print(f"backbone {seed}: trained in {spent:.0f} s" if spent else f"backbone {seed}: cached", flush=True)
     start_runs = time.time()
+    stem = "accuracy_cost_" + key.replace("-", "_")
+    args.out.mkdir(parents=True, exist_ok=True)
     runs = []
     for b in setup.backbone_seeds:
         for s in setup.exit_seeds:
             ablation = not args.no_ablation and b == setup.backbone_seeds[0] and s in setup.ablation_seeds
             runs.append(run_one(setup, b, s, splits, backbones, ablation))
-    seconds = time.time() - start_runs
-    stem = "accuracy_cost_" + key.replace("-", "_")
-    args.out.mkdir(parents=True, exist_ok=True)
-    table = markdown(runs, setup, seconds)
-    (args.out / f"{stem}.md").write_text(table)
-    (args.out / f"{stem}.json").write_text(json.dumps({"setup": asdict(setup), "runs": _jsonable(runs)}, indent=1))
-    plot(
-        runs,
-        args.out / f"{stem}.png",
-        f"{setup.dataset}: accuracy at matched cost (mean, 95 % t-interval, {len(runs)} runs)",
-    )
+            # written after every run, so a long benchmark stopped early still leaves its finished runs
+            table = markdown(runs, setup, time.time() - start_runs)
+            (args.out / f"{stem}.md").write_text(table)
+            payload = {"setup": asdict(setup), "runs": _jsonable(runs)}
+            (args.out / f"{stem}.json").write_text(json.dumps(payload, indent=1))
+    title = f"{setup.dataset}: accuracy at matched cost (mean, 95 % t-interval, {len(runs)} runs)"
+    plot(runs, args.out / f"{stem}.png", title)
     print(table)
     print(f"total {(time.time() - start) / 60:.1f} min")
     return 0
