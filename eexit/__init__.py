@@ -11,27 +11,35 @@ at inference each sample really stops computing at its exit.
 
 from __future__ import annotations
 
-__version__ = "0.1.0.dev0"
-
-from .attach import attach, detach
+from ._version import __version__
+from .attach import attach, detach, from_pretrained
 from .backbones.base import list_specs, register_spec
 from .backbones.generic import GenericSpec
 from .config import ExitConfig, FitConfig
-from .errors import EexitError
+from .errors import AdapterError, BackboneError, EexitError, EexitTypeError, EexitValueError, TrainingError
 from .evaluate import EvaluationReport, evaluate
-from .hub import from_pretrained
+from .inference import ExitPolicy, FixedExitPolicy, GatePolicy, ThresholdPolicy
 from .model import AllExitsOutput, EarlyExitModel, EarlyExitOutput
 from .train import fit
 
 __all__ = [
+    "AdapterError",
     "AllExitsOutput",
+    "BackboneError",
     "EarlyExitModel",
     "EarlyExitOutput",
     "EexitError",
+    "EexitTypeError",
+    "EexitValueError",
     "EvaluationReport",
     "ExitConfig",
+    "ExitPolicy",
     "FitConfig",
+    "FixedExitPolicy",
+    "GatePolicy",
     "GenericSpec",
+    "ThresholdPolicy",
+    "TrainingError",
     "__version__",
     "attach",
     "detach",

@@ -49,10 +49,9 @@ _SALT = b"eexit-backbone-fingerprint-v1\0"
 
 
 def _backbone(model: nn.Module) -> nn.Module:
-    # An EarlyExitModel keeps the user's model as `.backbone`; its heads and gates are not the backbone.
-    from .model import EarlyExitModel
-
-    return model.backbone if isinstance(model, EarlyExitModel) else model
+    # An EarlyExitModel keeps the user's model as `.backbone`; its heads and gates are not the backbone. Read
+    # through its class marker rather than an import, so this module stays below the model in the layering.
+    return model.backbone if getattr(type(model), "wraps_backbone", False) else model
 
 
 def _entries(model: nn.Module) -> list[tuple[str, torch.Tensor]]:

@@ -171,7 +171,7 @@ def build_files(ee: EarlyExitModel, name: str, record: dict[str, Any], backbone:
         record: ``{"state", "fit_config", "history", "evaluation"}`` as kept by EarlyExitModel.
         backbone: provenance and fingerprint of the backbone (``backbone`` field of the config).
     """
-    from . import __version__
+    from ._version import __version__
 
     if ee.cost_table is None:
         raise AdapterError("this model has no cost table, so its adapter cannot be saved; build it with eexit.attach.")

@@ -7,20 +7,22 @@ outputs before ``attach``. The backbone's class, forward and weights are never e
 
 from __future__ import annotations
 
+import os
 import weakref
 from dataclasses import replace
 from typing import Any
 
 from torch import nn
 
-from .backbones.base import BackboneSpec, find_spec
+from .backbones.base import BackboneSpec, StagedSpec, find_spec
 from .config import ExitConfig
 from .cost import measure_cost_table
-from .errors import BackboneError, EexitValueError
+from .errors import AdapterError, BackboneError, EexitValueError
+from .hub import install_adapter, read_pretrained
 from .model import EarlyExitModel
-from .staged import StagedEarlyExitModel, StagedSpec
+from .staged import StagedEarlyExitModel
 
-__all__ = ["attach", "detach"]
+__all__ = ["attach", "detach", "from_pretrained"]
 
 # Backbones that currently carry exits. A weak set, so that eexit keeps no backbone alive and writes nothing
 # onto the backbone itself.
@@ -141,6 +143,7 @@ def attach(
             p.requires_grad_(flag)
         for m, mode in modes:
             m.training = mode
+        _ATTACHED.discard(model)
 
     ee._restore = restore
     _ATTACHED.add(model)
@@ -160,9 +163,65 @@ def detach(ee: EarlyExitModel) -> nn.Module:
     """
     if not isinstance(ee, EarlyExitModel):
         raise EexitValueError(f"detach expects the EarlyExitModel that attach returned, got {type(ee).__name__}.")
-    if ee._restore is None:
-        raise EexitValueError("these exits are already detached.")
-    ee._restore()
-    ee._restore = None
-    _ATTACHED.discard(ee.backbone)
-    return ee.backbone
+    return ee.detach()
+
+
+def from_pretrained(
+    model: nn.Module,
+    path_or_repo_id: str | os.PathLike[str],
+    *,
+    revision: str | None = None,
+    adapter_name: str = "default",
+    subfolder: str | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    token: str | bool | None = None,
+    local_files_only: bool = False,
+    ignore_fingerprint: bool = False,
+    **attach_kwargs: Any,
+) -> EarlyExitModel:
+    """Attach a saved adapter to ``model`` and return the early-exit model.
+
+    ``path_or_repo_id`` is tried as a local folder first, then as a Hub repo id. Both files are validated
+    before the model is touched; the tensors are loaded strictly; the backbone's weights must have the
+    fingerprint the adapter recorded. On any error the model is left exactly as it was.
+
+    Args:
+        model: the backbone the adapter was trained on (not an EarlyExitModel).
+        path_or_repo_id: a folder written by :func:`save_pretrained`, or a Hub repo id (``"org/name"``).
+        revision: branch, tag or commit of the Hub repo (ignored for a local folder).
+        adapter_name: the name the adapter gets in the returned model.
+        subfolder: the adapter's subfolder, for a folder holding several adapters.
+        cache_dir: Hugging Face cache folder (default ``HF_HUB_CACHE``).
+        token: Hub token for private repos (default: the logged-in one).
+        local_files_only: never reach the Hub; use the local cache only.
+        ignore_fingerprint: load even onto other backbone weights (warns instead of refusing).
+        **attach_kwargs: passed to :func:`eexit.attach` (``spec=``, ``input_size=``, ``threshold=``, ...).
+
+    Raises:
+        AdapterError: the files are missing, unreadable, inconsistent or from a newer format, or the adapter
+            was made for another backbone (family, head, width, depth or weights).
+    """
+    if isinstance(model, EarlyExitModel):
+        raise AdapterError(
+            "from_pretrained expects the bare backbone, got an EarlyExitModel; to add an adapter to "
+            "it use ee.load_adapter(path_or_repo_id, adapter_name)."
+        )
+    saved, state, spec, attach_kwargs = read_pretrained(
+        model,
+        path_or_repo_id,
+        revision=revision,
+        adapter_name=adapter_name,
+        subfolder=subfolder,
+        cache_dir=cache_dir,
+        token=token,
+        local_files_only=local_files_only,
+        ignore_fingerprint=ignore_fingerprint,
+        attach_kwargs=attach_kwargs,
+    )
+    ee = attach(model, saved.exit_config, spec=spec, **attach_kwargs)
+    try:
+        install_adapter(ee, saved, state, adapter_name)
+    except BaseException:
+        detach(ee)  # loads nothing: the user's model goes back to how it was
+        raise
+    return ee

@@ -36,7 +36,7 @@ _C = TypeVar("_C", bound="_JsonConfig")
 
 
 def _eexit_version() -> str:
-    from . import __version__
+    from ._version import __version__
 
     return __version__
 

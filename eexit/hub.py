@@ -2,9 +2,10 @@
 
 * :func:`save_pretrained` writes ``eexit_config.json``, ``eexit_adapter.safetensors`` and ``README.md`` (never
   ``adapter_config.json`` / ``adapter_model.safetensors``, which the Hub reads as PEFT's).
-* :func:`from_pretrained` reads a local folder, else a Hub repo through ``huggingface_hub``, validates both files
-  before touching the model, attaches, loads strictly and checks the backbone fingerprint; on any error the
-  model is detached again, so it is left as it was.
+* :func:`read_pretrained` reads a local folder, else a Hub repo through ``huggingface_hub``, and validates both
+  files and the backbone fingerprint before the model is touched; :func:`eexit.from_pretrained` (next to
+  ``attach``, which this module does not import) then attaches and :func:`install_adapter` loads strictly; on
+  any error the model is detached again, so it is left as it was.
 * :func:`push_to_hub` uploads the three files in one commit; :func:`load_adapter` adds a named adapter.
 
 Several adapters (PEFT's layout): ``save_pretrained(ee, d, selected_adapters=[...])`` writes the adapter named
@@ -49,9 +50,10 @@ __all__ = [
     "CONFIG_NAME",
     "WEIGHTS_NAME",
     "backbone_fingerprint",
-    "from_pretrained",
+    "install_adapter",
     "load_adapter",
     "push_to_hub",
+    "read_pretrained",
     "save_pretrained",
 ]
 
@@ -179,7 +181,7 @@ def _hub_error(err: Exception, repo_id: str, revision: str | None) -> AdapterErr
 def _download(repo_id: str, subfolder: str | None, revision: str | None, **hub: Any) -> Path:
     from huggingface_hub import hf_hub_download
 
-    from . import __version__
+    from ._version import __version__
 
     kwargs = {
         "repo_id": repo_id,
@@ -239,73 +241,51 @@ def _check_name(adapter_name: object) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- loading
-def from_pretrained(
+def read_pretrained(
     model: nn.Module,
     path_or_repo_id: str | os.PathLike[str],
     *,
-    revision: str | None = None,
-    adapter_name: str = "default",
-    subfolder: str | None = None,
-    cache_dir: str | os.PathLike[str] | None = None,
-    token: str | bool | None = None,
-    local_files_only: bool = False,
-    ignore_fingerprint: bool = False,
-    **attach_kwargs: Any,
-) -> EarlyExitModel:
-    """Attach a saved adapter to ``model`` and return the early-exit model.
+    revision: str | None,
+    adapter_name: str,
+    subfolder: str | None,
+    cache_dir: str | os.PathLike[str] | None,
+    token: str | bool | None,
+    local_files_only: bool,
+    ignore_fingerprint: bool,
+    attach_kwargs: dict[str, Any],
+) -> tuple[SavedAdapter, dict[str, Any], Any, dict[str, Any]]:
+    """Read and check an adapter for the bare backbone ``model``, touching nothing.
 
-    ``path_or_repo_id`` is tried as a local folder first, then as a Hub repo id. Both files are validated
-    before the model is touched; the tensors are loaded strictly; the backbone's weights must have the
-    fingerprint the adapter recorded. On any error the model is left exactly as it was.
-
-    Args:
-        model: the backbone the adapter was trained on (not an EarlyExitModel).
-        path_or_repo_id: a folder written by :func:`save_pretrained`, or a Hub repo id (``"org/name"``).
-        revision: branch, tag or commit of the Hub repo (ignored for a local folder).
-        adapter_name: the name the adapter gets in the returned model.
-        subfolder: the adapter's subfolder, for a folder holding several adapters.
-        cache_dir: Hugging Face cache folder (default ``HF_HUB_CACHE``).
-        token: Hub token for private repos (default: the logged-in one).
-        local_files_only: never reach the Hub; use the local cache only.
-        ignore_fingerprint: load even onto other backbone weights (warns instead of refusing).
-        **attach_kwargs: passed to :func:`eexit.attach` (``spec=``, ``input_size=``, ``threshold=``, ...).
-
-    Raises:
-        AdapterError: the files are missing, unreadable, inconsistent or from a newer format, or the adapter
-            was made for another backbone (family, head, width, depth or weights).
+    The first half of :func:`eexit.from_pretrained` (which then attaches and calls :func:`install_adapter`):
+    returns the saved adapter, its tensors, the spec to attach with and the keyword arguments for attach.
     """
-    from .attach import attach, detach
-    from .model import EarlyExitModel
-
-    if isinstance(model, EarlyExitModel):
-        raise AdapterError(
-            "from_pretrained expects the bare backbone, got an EarlyExitModel; to add an adapter to "
-            "it use ee.load_adapter(path_or_repo_id, adapter_name)."
-        )
     if not isinstance(model, nn.Module):
         raise AdapterError(f"from_pretrained expects the backbone (a torch.nn.Module), got {type(model).__name__}.")
     _check_name(adapter_name)
     saved, state = _read(
         path_or_repo_id, subfolder, revision, cache_dir=cache_dir, token=token, local_files_only=local_files_only
     )
+    attach_kwargs = dict(attach_kwargs)
     spec = spec_for(model, saved, attach_kwargs.pop("spec", None), attach_kwargs.pop("backbone", None))
     check_structure(saved, spec, model)
     check_fingerprint(saved, spec, model, ignore_fingerprint)
     if "input_size" not in attach_kwargs and None in spec.input_shape(model) and saved.cost_table.input_shape:
         attach_kwargs["input_size"] = tuple(saved.cost_table.input_shape)
     attach_kwargs.setdefault("num_classes", saved.num_classes)
-    ee = attach(model, saved.exit_config, spec=spec, **attach_kwargs)
+    return saved, state, spec, attach_kwargs
+
+
+def install_adapter(ee: EarlyExitModel, saved: SavedAdapter, state: dict[str, Any], adapter_name: str) -> None:
+    """Load a read adapter's tensors and records into freshly attached exits (strictly), as ``adapter_name``."""
     try:
         ee.load_adapter_state_dict(state)
-        ee.fit_config, ee.history, ee.evaluation = saved.fit_config, saved.history, saved.evaluation
-        ee.active_adapter = adapter_name
-        _compare_costs(saved, ee)
-    except BaseException as err:
-        detach(ee)  # loads nothing: the user's model goes back to how it was
-        if isinstance(err, EexitError) and not isinstance(err, AdapterError):
-            raise AdapterError(f"{saved.source}: {err}") from err
-        raise
-    return ee
+    except EexitError as err:
+        if isinstance(err, AdapterError):
+            raise
+        raise AdapterError(f"{saved.source}: {err}") from err
+    ee.fit_config, ee.history, ee.evaluation = saved.fit_config, saved.history, saved.evaluation
+    ee.active_adapter = adapter_name
+    _compare_costs(saved, ee)
 
 
 def _compare_costs(saved: SavedAdapter, ee: EarlyExitModel) -> None:

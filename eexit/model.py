@@ -127,6 +127,9 @@ class EarlyExitModel(nn.Module):
     :class:`AllExitsOutput`. The backbone module is used in place, never copied or edited.
     """
 
+    #: Marks models whose ``.backbone`` is the user's model (read by the fingerprint, which cannot import this).
+    wraps_backbone = True
+
     def __init__(
         self,
         backbone: nn.Module,
@@ -277,10 +280,16 @@ class EarlyExitModel(nn.Module):
         return self
 
     def detach(self) -> nn.Module:
-        """Remove the exits and restore the backbone exactly as it was; returns the backbone."""
-        from .attach import detach
+        """Remove the exits and restore the backbone exactly as it was; returns the backbone.
 
-        return detach(self)
+        Undoes what :func:`eexit.attach` recorded (hooks, ``requires_grad`` flags, training modes); the same as
+        :func:`eexit.detach`.
+        """
+        if self._restore is None:
+            raise EexitValueError("these exits are already detached.")
+        self._restore()
+        self._restore = None
+        return self.backbone
 
     def default_policy(self, threshold: float | None = None) -> GatePolicy:
         """The gates' deterministic rule for this model's gate kind, at ``threshold`` (default ``config.threshold``)."""

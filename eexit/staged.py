@@ -28,59 +28,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from .backbones.base import BackboneSpec
+from .backbones.base import StagedSpec
 from .config import ExitConfig
-from .errors import BackboneError, EexitValueError
+from .errors import EexitValueError
 from .gates import ExitHistory
 from .inference import ExitPolicy, ExitState
 from .model import AllExitsOutput, EarlyExitModel, EarlyExitOutput, _record_exits
 
+# StagedSpec lives with the other spec classes (eexit.backbones.base); re-exported here, where it used to be.
 __all__ = ["StagedEarlyExitModel", "StagedSpec"]
-
-
-class StagedSpec(BackboneSpec):
-    """A backbone run as stages, stage k ending at the model's own exit classifier k.
-
-    A subclass describes the stages; :class:`StagedEarlyExitModel` runs them (no hooks are installed). Its
-    ``blocks`` are the exit classifiers, so ``exit_blocks`` index the model's exits; the last classifier is the
-    final exit. ``pool``, ``hidden`` and ``shrink`` (per-block hooks) are not used.
-    """
-
-    def exit_classifiers(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
-        """The model's exit classifiers (qualified name, module), in forward order; the last is the final exit."""
-        raise NotImplementedError
-
-    def blocks(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
-        return self.exit_classifiers(model)
-
-    def exit_width(self, model: nn.Module, block: int) -> int:
-        """Width D_k of the feature :meth:`run_stage` returns for exit ``block``."""
-        raise NotImplementedError
-
-    def start(self, model: nn.Module, images: torch.Tensor) -> Any:
-        """Check ``images`` [B, C, H, W] and return the state before stage 0."""
-        raise NotImplementedError
-
-    def run_stage(self, model: nn.Module, k: int, state: Any) -> tuple[Any, torch.Tensor]:
-        """Run stage k's trunk (no classifier) on ``state``; return the next state and exit k's feature [B, D_k]."""
-        raise NotImplementedError
-
-    def classifier_input(
-        self, model: nn.Module, k: int, feature: torch.Tensor, logits: list[torch.Tensor]
-    ) -> torch.Tensor:
-        """The input of exit k's classifier, from its feature and the logits of exits 0..k-1 (same samples)."""
-        return feature
-
-    def shrink_state(self, model: nn.Module, state: Any, keep: torch.Tensor) -> Any:
-        """Keep only the samples at positions ``keep`` (a 1-D index tensor) in every batch-sized part of ``state``."""
-        raise NotImplementedError
-
-    def default_input_size(self, model: nn.Module) -> tuple[int, int, int] | None:
-        """(C, H, W) at which :func:`eexit.attach` measures the cost table when no ``input_size`` is given."""
-        return None
-
-    def pool(self, model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-        raise BackboneError(f"{self.name}: a staged spec reads exit features with run_stage, not pool().")
 
 
 def _trainable_copy(module: nn.Module) -> nn.Module:

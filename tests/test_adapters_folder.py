@@ -15,6 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
+import eexit
 from eexit import hub
 from eexit.config import FORMAT_VERSION
 
@@ -76,7 +77,7 @@ def test_reference_adapter_is_complete_and_small(folder):
 
 @pytest.mark.parametrize("folder", FOLDERS, ids=[p.name for p in FOLDERS])
 def test_reference_adapter_loads_and_predicts_as_saved(folder):
-    ee = hub.from_pretrained(rebuild_backbone(folder), folder)  # the fingerprint check proves the rebuild exact
+    ee = eexit.from_pretrained(rebuild_backbone(folder), folder)  # the fingerprint check proves the rebuild exact
     check_predictions(ee, load_file(str(folder / "_test_io.safetensors")), folder.name)
     assert ee.evaluation is not None and ee.fit_config is not None and ee.history
 
@@ -92,7 +93,7 @@ def test_adapters_of_one_backbone_load_side_by_side_as_named_adapters():
     if not pairs:
         pytest.skip("no two reference adapters share a backbone and an exit layout")
     first, *others = pairs[0]
-    ee = hub.from_pretrained(rebuild_backbone(first), first)
+    ee = eexit.from_pretrained(rebuild_backbone(first), first)
     for folder in others:
         ee.load_adapter(folder, folder.name)
     for folder in others:

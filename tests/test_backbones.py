@@ -130,6 +130,20 @@ def test_catch_alls_defer_to_specs_registered_later(monkeypatch):
     assert find_spec(model).name == "my_convnext"
 
 
+def test_a_users_spec_is_asked_before_the_built_in_ones(monkeypatch):
+    # The built-in specs register when eexit.backbones is imported; a user's spec registered afterwards for a
+    # model a built-in spec also describes must still win (it did when built-ins loaded lazily).
+    model = ZOO["timm_vit_cls"].build()
+    assert find_spec(model).name == "timm_vit"
+
+    class MyViTSpec(type(base.get_spec("timm_vit"))):
+        name = "my_vit"
+
+    monkeypatch.setitem(base._REGISTRY, "my_vit", MyViTSpec())
+    assert find_spec(model).name == "my_vit"
+    assert base.get_spec("timm_vit").matches(model)  # the built-in one still describes it
+
+
 def test_family_specs_win_over_discovery():
     for name in ("hf_vit_cls", "hf_beit_cls", "hf_dinov2_cls", "hf_swin_cls"):
         entry = ZOO[name]

@@ -81,7 +81,7 @@ def test_local_round_trip_is_exact(tmp_path, name, images):
     assert {p.name for p in path.iterdir()} == FILES
     with torch.no_grad():
         expected, every = ee(images), ee(images, all_exits=True)
-    loaded = hub.from_pretrained(fresh_copy(ee, factory), path)
+    loaded = eexit.from_pretrained(fresh_copy(ee, factory), path)
     for key, value in ee.adapter_state_dict().items():
         assert torch.equal(value, loaded.adapter_state_dict()[key]), key
     # the resolved exit blocks are stored, so a later change of the default placement cannot move them
@@ -128,8 +128,8 @@ def test_generic_spec_adapter_needs_its_spec_again(tmp_path, images):
     ee = trained(spec=spec, input_size=(3, 32, 32))
     path = hub.save_pretrained(ee, tmp_path)
     with pytest.raises(AdapterError, match="made with a GenericSpec; pass the same spec again"):
-        hub.from_pretrained(fresh_copy(ee), path)
-    loaded = hub.from_pretrained(fresh_copy(ee), path, spec=spec)
+        eexit.from_pretrained(fresh_copy(ee), path)
+    loaded = eexit.from_pretrained(fresh_copy(ee), path, spec=spec)
     with torch.no_grad():
         assert torch.equal(loaded(images).logits, ee(images).logits)
 
@@ -171,7 +171,7 @@ def test_interrupted_save_leaves_the_previous_adapter_loadable(tmp_path, monkeyp
     (path / hub.BACKUP_NAME).write_bytes(before["eexit_adapter.safetensors"])
     (path / "eexit_adapter.safetensors").write_bytes(hub._files(new, None, None, None).tensors)
     with pytest.warns(UserWarning, match="interrupted"):
-        loaded = hub.from_pretrained(fresh_copy(old), path)
+        loaded = eexit.from_pretrained(fresh_copy(old), path)
     assert all(torch.equal(v, loaded.adapter_state_dict()[k]) for k, v in old.adapter_state_dict().items())
     hub.save_pretrained(new, path)  # the next save completes cleanly
     assert not (path / hub.BACKUP_NAME).exists()
@@ -198,7 +198,7 @@ def test_only_json_and_safetensors_are_read(tmp_path, monkeypatch):
     monkeypatch.setattr(torch, "load", refuse)
     monkeypatch.setattr("pickle.load", refuse)
     monkeypatch.setattr("pickle.loads", refuse)
-    hub.from_pretrained(model, path)
+    eexit.from_pretrained(model, path)
 
 
 # ------------------------------------------------------------------------------------------ fingerprint
@@ -266,15 +266,15 @@ def test_load_by_repo_id_revision_and_subfolder_from_the_cache(tmp_path, offline
         ({"revision": commits["v1"]}, b),
         ({"subfolder": "lam1"}, b),
     ]:
-        loaded = hub.from_pretrained(fresh_copy(a), "org/digits-exits", **kwargs)
+        loaded = eexit.from_pretrained(fresh_copy(a), "org/digits-exits", **kwargs)
         with torch.no_grad():
             assert torch.equal(loaded(images).logits, source(images).logits), kwargs
     with pytest.raises(AdapterError, match="not in the local Hugging Face cache"):
-        hub.from_pretrained(fresh_copy(a), "org/other")
+        eexit.from_pretrained(fresh_copy(a), "org/other")
     with pytest.raises(AdapterError, match="not in the local Hugging Face cache"):
-        hub.from_pretrained(fresh_copy(a), "org/digits-exits", revision="v2")
+        eexit.from_pretrained(fresh_copy(a), "org/digits-exits", revision="v2")
     with pytest.raises(AdapterError, match="neither a local folder nor a valid Hub repo id"):
-        hub.from_pretrained(fresh_copy(a), "not a/valid//id")
+        eexit.from_pretrained(fresh_copy(a), "not a/valid//id")
 
 
 @pytest.fixture
@@ -319,7 +319,7 @@ def test_push_makes_one_commit_with_exactly_three_files(fake_api, offline_hub, i
     assert sorted(op.path_in_repo for op in operations) == sorted(FILES)
     pushed = {op.path_in_repo: op.path_or_fileobj for op in operations}
     hub_cache(offline_hub, "org/exits", {"main": pushed})  # what a later pull would find
-    loaded = hub.from_pretrained(fresh_copy(ee), "org/exits")
+    loaded = eexit.from_pretrained(fresh_copy(ee), "org/exits")
     with torch.no_grad():
         assert torch.equal(loaded(images).logits, ee(images).logits)
 
@@ -343,7 +343,7 @@ def test_named_adapters_save_in_subfolders_and_load_back(tmp_path, images):
     ee.set_adapter("default")
     path = hub.save_pretrained(ee, tmp_path, selected_adapters=["default", "budget"])
     assert {p.name for p in path.iterdir()} == FILES | {"budget"}
-    loaded = hub.from_pretrained(fresh_copy(ee), path)
+    loaded = eexit.from_pretrained(fresh_copy(ee), path)
     loaded.load_adapter(path, "budget", subfolder="budget")
     assert loaded.adapter_names == ["budget", "default"] and loaded.active_adapter == "default"
     loaded.set_adapter("budget")
@@ -355,7 +355,7 @@ def test_named_adapters_save_in_subfolders_and_load_back(tmp_path, images):
     assert json.loads((alone / "eexit_config.json").read_text())["adapter_name"] == "budget"
     only_sub = hub.save_pretrained(ee, tmp_path / "only-sub", selected_adapters=["budget"])
     with pytest.raises(AdapterError, match=r"subfolders \['budget'\]: pass subfolder="):
-        hub.from_pretrained(fresh_copy(ee), only_sub)
+        eexit.from_pretrained(fresh_copy(ee), only_sub)
 
 
 def test_load_adapter_refuses_an_adapter_that_does_not_fit(tmp_path):

@@ -14,6 +14,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from test_hub import assert_untouched, fresh_copy, offline_hub, state_of, trained  # noqa: F401 (autouse fixture)
 
+import eexit
 from eexit import hub
 from eexit.config import FORMAT_VERSION
 from eexit.errors import AdapterError
@@ -50,7 +51,7 @@ def rewrite_tensors(path: Path, change: Callable[[dict], None], *, update_config
 def refused(model, path, match: str, **kwargs) -> AdapterError:
     before = state_of(model)
     with pytest.raises(AdapterError, match=match) as info:
-        hub.from_pretrained(model, path, **kwargs)
+        eexit.from_pretrained(model, path, **kwargs)
     assert_untouched(model, before)
     return info.value
 
@@ -114,7 +115,7 @@ def test_fingerprint_mismatch_says_which_backbone_and_how_to_override(saved, ima
     assert "'timm_vit' backbone (VisionTransformer" in text and "with weights sha256:" in text
     assert hub.backbone_fingerprint(other) in text and "same architecture with different weights" in text
     with pytest.warns(UserWarning, match="Loading anyway"):
-        ee = hub.from_pretrained(other, path, ignore_fingerprint=True)
+        ee = eexit.from_pretrained(other, path, ignore_fingerprint=True)
     assert ee(images).logits.shape == (len(images), 5)
 
 
@@ -148,7 +149,7 @@ def test_unknown_keys_from_a_newer_eexit_warn_and_are_dropped(saved):
     edit_config(path, lambda meta: (meta.update(future_field=[1, 2]), meta["exit_config"].update(future_knob=3)))
     with pytest.warns(UserWarning, match=r"ignoring unknown keys \['future_field'\]"):
         with pytest.warns(UserWarning, match=r"ExitConfig: ignoring unknown keys \['future_knob'\]"):
-            ee = hub.from_pretrained(model, path)
+            ee = eexit.from_pretrained(model, path)
     assert ee.num_exits == 4
 
 
@@ -178,4 +179,4 @@ def test_not_an_adapter(tmp_path, saved):
     refused(model, tmp_path / "missing-folder" / "x", "is not a folder")
     refused(model, "./missing-folder", "is not a folder")
     with pytest.raises(AdapterError, match="expects the bare backbone"):
-        hub.from_pretrained(trained(), tmp_path / "peft")
+        eexit.from_pretrained(trained(), tmp_path / "peft")

@@ -104,8 +104,53 @@ class BackboneSpec:
         return {"family": self.name, "model_class": type(model).__name__}
 
 
+class StagedSpec(BackboneSpec):
+    """A backbone run as stages, stage k ending at the model's own exit classifier k.
+
+    A subclass describes the stages; :class:`eexit.staged.StagedEarlyExitModel` runs them (no hooks are installed). Its
+    ``blocks`` are the exit classifiers, so ``exit_blocks`` index the model's exits; the last classifier is the
+    final exit. ``pool``, ``hidden`` and ``shrink`` (per-block hooks) are not used.
+    """
+
+    def exit_classifiers(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
+        """The model's exit classifiers (qualified name, module), in forward order; the last is the final exit."""
+        raise NotImplementedError
+
+    def blocks(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
+        return self.exit_classifiers(model)
+
+    def exit_width(self, model: nn.Module, block: int) -> int:
+        """Width D_k of the feature :meth:`run_stage` returns for exit ``block``."""
+        raise NotImplementedError
+
+    def start(self, model: nn.Module, images: torch.Tensor) -> Any:
+        """Check ``images`` [B, C, H, W] and return the state before stage 0."""
+        raise NotImplementedError
+
+    def run_stage(self, model: nn.Module, k: int, state: Any) -> tuple[Any, torch.Tensor]:
+        """Run stage k's trunk (no classifier) on ``state``; return the next state and exit k's feature [B, D_k]."""
+        raise NotImplementedError
+
+    def classifier_input(
+        self, model: nn.Module, k: int, feature: torch.Tensor, logits: list[torch.Tensor]
+    ) -> torch.Tensor:
+        """The input of exit k's classifier, from its feature and the logits of exits 0..k-1 (same samples)."""
+        return feature
+
+    def shrink_state(self, model: nn.Module, state: Any, keep: torch.Tensor) -> Any:
+        """Keep only the samples at positions ``keep`` (a 1-D index tensor) in every batch-sized part of ``state``."""
+        raise NotImplementedError
+
+    def default_input_size(self, model: nn.Module) -> tuple[int, int, int] | None:
+        """(C, H, W) at which :func:`eexit.attach` measures the cost table when no ``input_size`` is given."""
+        return None
+
+    def pool(self, model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        raise BackboneError(f"{self.name}: a staged spec reads exit features with run_stage, not pool().")
+
+
 _REGISTRY: dict[str, BackboneSpec] = {}
-_BUILTINS_LOADED = False
+_BUILTINS: frozenset[str] = frozenset()
 
 
 def register_spec(spec: BackboneSpec) -> BackboneSpec:
@@ -125,37 +170,23 @@ def register_spec(spec: BackboneSpec) -> BackboneSpec:
     return spec
 
 
-def _load_builtins() -> None:
-    # Imported lazily so that `import eexit` stays light; each module registers its specs on import.
-    global _BUILTINS_LOADED
-    if not _BUILTINS_LOADED:
-        _BUILTINS_LOADED = True
-        # Catch-all specs (hf_auto, unsupported) defer to every other spec, so the import order does not matter.
-        from . import (  # noqa: F401
-            dynamic_perceiver,
-            hf_auto,
-            hf_beit,
-            hf_dinov2,
-            hf_swin,
-            hf_vit,
-            t2t_vit,
-            timm_beit,
-            timm_eva,
-            timm_swin,
-            timm_vit,
-            unsupported,
-        )
+def seal_builtins() -> None:
+    """Mark the specs registered so far as eexit's own (``eexit.backbones`` calls this once it imported them).
+
+    :func:`find_spec` asks the specs users register before the built-in ones, so a user's spec for a model that a
+    built-in spec also describes wins, whenever it was registered.
+    """
+    global _BUILTINS
+    _BUILTINS = frozenset(_REGISTRY)
 
 
 def list_specs() -> list[str]:
     """Names of the registered backbone specs."""
-    _load_builtins()
     return sorted(_REGISTRY)
 
 
 def get_spec(name: str) -> BackboneSpec:
     """The registered spec called ``name``."""
-    _load_builtins()
     if name not in _REGISTRY:
         raise EexitValueError(f"no backbone spec named {name!r}; registered specs: {sorted(_REGISTRY)}.")
     return _REGISTRY[name]
@@ -170,8 +201,8 @@ def find_spec(model: nn.Module, name: str | None = None) -> BackboneSpec:
         if not spec.matches(model):
             raise BackboneError(f"backbone spec {name!r} does not describe a {type(model).__name__}.")
         return spec
-    _load_builtins()
-    for spec in _REGISTRY.values():
+    # Users' specs first (a stable sort keeps each group in registration order), then eexit's own.
+    for spec in sorted(_REGISTRY.values(), key=lambda s: s.name in _BUILTINS):
         if spec.matches(model):
             return spec
     raise BackboneError(
@@ -188,7 +219,6 @@ def matched_elsewhere(spec: BackboneSpec, model: nn.Module) -> bool:
     this in :meth:`BackboneSpec.matches`, so that they defer to every family spec whatever the registration
     order, including specs users register later.
     """
-    _load_builtins()
     return any(
         other is not spec and not getattr(other, "catch_all", False) and other.matches(model)
         for other in _REGISTRY.values()

@@ -32,8 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import EexitTypeError
-from ..staged import StagedSpec
-from .base import register_spec
+from .base import StagedSpec, register_spec
 
 if TYPE_CHECKING:
     from ..models.dynamic_perceiver import DynPerceiver, DynPerceiverState
