@@ -128,8 +128,16 @@ def _training(meta: dict[str, Any]) -> str:
     return text
 
 
-def render_card(meta: dict[str, Any]) -> str:
-    """The README.md of an adapter, from its saved config dict (see ``adapters/README.md``)."""
+def _exits_from_config(meta: dict[str, Any]) -> str:
+    return f"{meta['exit_config'].get('head')} heads on features of width {meta.get('feature_width')}"
+
+
+def render_card(meta: dict[str, Any], exits: str | None = None) -> str:
+    """The README.md of an adapter, from its saved config dict (see ``adapters/README.md``).
+
+    ``exits`` describes the IMs (what they are, the width of each exit's features); without it the card says
+    what the config holds.
+    """
     backbone = meta["backbone"]
     base = backbone.get("base_model")
     exit_cfg = meta["exit_config"]
@@ -160,8 +168,8 @@ def render_card(meta: dict[str, Any]) -> str:
         )
         + "\n\n`eexit.from_pretrained` refuses a backbone whose weights have another fingerprint.\n",
         "## Exits\n\n"
-        f"{len(meta['exit_blocks'])} IMs ({exit_cfg.get('head')} heads on features of width "
-        f"{meta.get('feature_width')}), {meta['num_classes']} classes, gate threshold "
+        f"{len(meta['exit_blocks'])} IMs ({exits or _exits_from_config(meta)}), {meta['num_classes']} classes, "
+        f"{exit_cfg.get('gates', 'paper')} gates, gate threshold "
         f"{exit_cfg.get('threshold')}. Cost per sample, measured with `torch.utils.flop_counter`:\n\n"
         + _markdown_table(["exit", "after", "MFLOPs", "fraction of backbone"], _exit_rows(meta))
         + "\n",

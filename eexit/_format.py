@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .backbones.base import StagedSpec
 from .config import FORMAT_VERSION, ExitConfig, FitConfig
 from .cost import CostTable
 from .errors import AdapterError, EexitError
@@ -88,11 +89,13 @@ class AdapterFiles:
     config: bytes
     tensors: bytes
     meta: dict[str, Any]
+    #: How the card describes the exits (from the live model; not part of the saved format).
+    exits: str | None = None
 
     def card(self) -> bytes:
         from ._card import render_card
 
-        return render_card(self.meta).encode()
+        return render_card(self.meta, self.exits).encode()
 
 
 @dataclass
@@ -187,6 +190,8 @@ def build_files(ee: EarlyExitModel, name: str, record: dict[str, Any], backbone:
         "backbone_family": backbone["family"],
     }
     tensors = safetensors_bytes(state, metadata=header)
+    # Each adapter keeps its own gate threshold (set_adapter switches it); records made before that have none.
+    threshold = {"threshold": float(record["threshold"])} if record.get("threshold") is not None else {}
     meta = {
         "format_version": FORMAT_VERSION,
         "eexit_version": __version__,
@@ -194,7 +199,7 @@ def build_files(ee: EarlyExitModel, name: str, record: dict[str, Any], backbone:
         "adapter_name": name,
         "backbone": backbone,
         # The resolved blocks are stored, so a later change of the default placement cannot move the exits.
-        "exit_config": dataclasses.replace(ee.config, exit_blocks=tuple(ee.exit_blocks)).to_dict(),
+        "exit_config": dataclasses.replace(ee.config, exit_blocks=tuple(ee.exit_blocks), **threshold).to_dict(),
         "exit_blocks": list(ee.exit_blocks),
         "exit_names": list(ee.exit_names),
         "num_exits": ee.num_exits,
@@ -213,7 +218,13 @@ def build_files(ee: EarlyExitModel, name: str, record: dict[str, Any], backbone:
         },
     }
     config = (json.dumps(meta, indent=2, sort_keys=True, allow_nan=False) + "\n").encode()
-    return AdapterFiles(config=config, tensors=tensors, meta=meta)
+    widths = ", ".join(str(w) for w in ee.feature_layout()[0])
+    if isinstance(ee.spec, StagedSpec):
+        exits = f"fine-tuned copies of the backbone's own exit classifiers, on its stage features of width {widths}"
+    else:
+        head = ee.config.head + (f", hidden {ee.config.head_hidden}" if ee.config.head_hidden else "")
+        exits = f"{head} heads on features of width {widths}"
+    return AdapterFiles(config=config, tensors=tensors, meta=meta, exits=exits)
 
 
 def _type_names(types: tuple[type | None, ...]) -> str:

@@ -124,12 +124,16 @@ class FeatureCache:
 
 
 def estimated_cache_bytes(ee: EarlyExitModel, loader: Iterable[Any]) -> int | None:
-    """Rough size of a feature cache for ``loader`` (``None`` if the dataset size is unknown)."""
+    """Size in bytes of the feature cache :class:`FeatureCache` would build for ``loader`` (``None`` if the dataset
+    size is unknown): every exit's feature at its own width, the backbone head's logits, the labels."""
     dataset = getattr(loader, "dataset", None)
     try:
         n = len(dataset)  # type: ignore[arg-type]
     except TypeError:
         return None
-    width = ee.spec.feature_width(ee.backbone)
-    per_sample = (len(ee.exit_blocks) * width + ee.num_classes + 1) * 4
+    # Per-exit widths: hierarchical (Swin) and staged backbones have a different width at each exit.
+    widths, with_head = ee.feature_layout()
+    param = next(ee.backbone.parameters(), None)
+    item = param.element_size() if param is not None else 4  # features come in the backbone's dtype
+    per_sample = (sum(widths) + (ee.num_classes if with_head else 0)) * item + 8  # + the int64 label
     return n * per_sample

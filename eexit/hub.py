@@ -335,7 +335,7 @@ def load_adapter(
     theirs, ours = saved.exit_config, ee.config
     differ = [
         f"{f}: {getattr(theirs, f)!r} vs {getattr(ours, f)!r}"
-        for f in ("head", "head_hidden", "gate_features")
+        for f in ("gates", "head", "head_hidden", "gate_features")
         if getattr(theirs, f) != getattr(ours, f)
     ]
     if saved.exit_blocks != ee.exit_blocks:
@@ -345,15 +345,14 @@ def load_adapter(
             f"{saved.source} does not fit this model's exits (saved vs here): {'; '.join(differ)}. "
             "Load it with eexit.from_pretrained onto the bare backbone instead."
         )
-    if theirs.threshold != ours.threshold:
-        warnings.warn(
-            f"{saved.source} was saved with threshold {theirs.threshold}; this model keeps its own "
-            f"({ours.threshold}) for every adapter.",
-            UserWarning,
-            stacklevel=2,
-        )
     check_fingerprint(saved, ee.spec, ee.backbone, ignore_fingerprint)
-    record = {"state": state, "fit_config": saved.fit_config, "history": saved.history, "evaluation": saved.evaluation}
+    record = {
+        "state": state,
+        "fit_config": saved.fit_config,
+        "history": saved.history,
+        "evaluation": saved.evaluation,
+        "threshold": theirs.threshold,  # the adapter's own τ: set_adapter switches to it
+    }
     try:
         ee.add_adapter(adapter_name, record)
     except EexitError as err:

@@ -14,6 +14,7 @@ never see each other's features.
 from __future__ import annotations
 
 import contextvars
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -215,6 +216,7 @@ class EarlyExitModel(nn.Module):
             "fit_config": self.fit_config,
             "history": list(self.history),
             "evaluation": self.evaluation,
+            "threshold": self.config.threshold,
         }
 
     def add_adapter(self, name: str, record: dict[str, Any] | None = None) -> None:
@@ -236,7 +238,8 @@ class EarlyExitModel(nn.Module):
         self._stored_adapters[name] = record
 
     def set_adapter(self, name: str) -> None:
-        """Make the adapter called ``name`` active (its IM and gate tensors go into the heads and gates)."""
+        """Make the adapter called ``name`` active: its IM and gate tensors go into the heads and gates, and its
+        gate threshold (``config.threshold``, which each adapter keeps) becomes the model's."""
         if name == self.active_adapter:
             return
         if name not in self._stored_adapters:
@@ -246,6 +249,8 @@ class EarlyExitModel(nn.Module):
         self.load_adapter_state_dict(record["state"])
         self.fit_config, self.history = record.get("fit_config"), list(record.get("history") or [])
         self.evaluation = record.get("evaluation")
+        if record.get("threshold") is not None:
+            self.config = dataclasses.replace(self.config, threshold=float(record["threshold"]))
         self.active_adapter = name
 
     # ------------------------------------------------------------------ files and the Hub

@@ -87,7 +87,8 @@ def test_adapters_of_one_backbone_load_side_by_side_as_named_adapters():
     for folder in FOLDERS:
         meta = json.loads((folder / hub.CONFIG_NAME).read_text())
         exits = meta["exit_config"]
-        key = (meta["backbone"]["fingerprint"], exits["head"], exits["head_hidden"], tuple(meta["exit_blocks"]))
+        gates = exits.get("gates", "paper")  # format-1 files have paper gates
+        key = (meta["backbone"]["fingerprint"], gates, exits["head"], exits["head_hidden"], tuple(meta["exit_blocks"]))
         groups[key].append(folder)
     pairs = [group for group in groups.values() if len(group) > 1]
     if not pairs:

@@ -347,3 +347,11 @@ def test_sweep_and_boosted_baseline_work_and_l2w_is_refused():
     assert logits.shape == (4, 8, 5)
     with pytest.raises(EexitValueError, match="independent exit heads"):
         train_l2w(ee, train, val, epochs=1, progress=False)
+
+
+def test_model_card_says_what_staged_exits_are(tmp_path):
+    ee = _attached()
+    card = (ee.save_pretrained(tmp_path) / "README.md").read_text()
+    widths = ", ".join(str(w) for w in ee.feature_layout()[0])
+    assert f"copies of the backbone's own exit classifiers, on its stage features of width {widths}" in card
+    assert "linear heads" not in card

@@ -141,6 +141,9 @@ def test_model_card_front_matter_results_and_never_overwritten(tmp_path):
     assert card.data.library_name == "eexit" and card.data.base_model == "org/tiny-vit"
     assert {"eexit", "early-exit", "timm"} <= set(card.data.tags)
     assert "| `accuracy` | 0.75 |" in card.text and "```text" in card.text  # results table and text plot
+    widths = ", ".join(str(w) for w in ee.feature_layout()[0])
+    assert f"linear heads on features of width {widths}), " in card.text
+    assert "hazard gates" in card.text
     (path / "README.md").write_text("my own card\n")
     ee.evaluation = None
     hub.save_pretrained(ee, path)
@@ -356,6 +359,39 @@ def test_named_adapters_save_in_subfolders_and_load_back(tmp_path, images):
     only_sub = hub.save_pretrained(ee, tmp_path / "only-sub", selected_adapters=["budget"])
     with pytest.raises(AdapterError, match=r"subfolders \['budget'\]: pass subfolder="):
         eexit.from_pretrained(fresh_copy(ee), only_sub)
+
+
+def test_each_adapter_keeps_its_own_threshold(tmp_path, images):
+    ee = trained(threshold=0.3)
+    path = hub.save_pretrained(ee, tmp_path / "strict")
+    other = trained(threshold=0.8)
+    other.backbone.load_state_dict(ee.backbone.state_dict())
+    other.load_adapter(path, "strict")
+    assert other.config.threshold == 0.8  # loading does not switch
+    other.set_adapter("strict")
+    assert other.config.threshold == 0.3 and other.default_policy().threshold == 0.3
+    with torch.no_grad():
+        assert torch.equal(other(images).exit_index, ee(images).exit_index)
+    other.set_adapter("default")
+    assert other.config.threshold == 0.8
+    saved = hub.save_pretrained(other, tmp_path / "both", selected_adapters=["default", "strict"])
+    assert json.loads((saved / "strict" / hub.CONFIG_NAME).read_text())["exit_config"]["threshold"] == 0.3
+    assert json.loads((saved / hub.CONFIG_NAME).read_text())["exit_config"]["threshold"] == 0.8
+    other.add_adapter("copy")  # a new adapter starts from the active one's threshold
+    other.config = dataclasses.replace(other.config, threshold=0.6)
+    other.set_adapter("copy")
+    assert other.config.threshold == 0.8
+    other.set_adapter("default")
+    assert other.config.threshold == 0.6
+
+
+def test_load_adapter_refuses_another_gate_kind(tmp_path):
+    ee = trained()
+    paper = trained(gates="paper")
+    paper.backbone.load_state_dict(ee.backbone.state_dict())
+    with pytest.raises(AdapterError, match="gates: 'hazard' vs 'paper'"):
+        paper.load_adapter(hub.save_pretrained(ee, tmp_path), "hazard")
+    assert paper.adapter_names == ["default"]
 
 
 def test_load_adapter_refuses_an_adapter_that_does_not_fit(tmp_path):

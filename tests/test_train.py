@@ -185,3 +185,22 @@ def test_nan_loss_keeps_last_good_state(monkeypatch):
 def test_fit_rejects_non_eexit_models():
     with pytest.raises(TypeError):
         eexit.fit(tiny_timm_vit(), [], [])
+
+
+@pytest.mark.parametrize("name", ["timm_vit_cls", "timm_swin", "hf_swin_cls"])
+def test_cache_size_estimate_is_the_size_of_the_cache(name):
+    # Swin widens from stage to stage: the estimate must add each exit's own width, not one width for all.
+    from backbone_zoo import IMG as ZOO_IMG
+    from backbone_zoo import ZOO
+
+    from eexit.data import FeatureCache, estimated_cache_bytes
+
+    ee = eexit.attach(ZOO[name].build())
+    data = TensorDataset(torch.randn(6, 3, ZOO_IMG, ZOO_IMG), torch.randint(0, ee.num_classes, (6,)))
+    loader = DataLoader(data, batch_size=4)
+    cache = FeatureCache.collect(ee, loader, "train", progress=False)
+    tensors = [*cache.features, cache.labels] + ([cache.final_logits] if cache.final_logits is not None else [])
+    assert estimated_cache_bytes(ee, loader) == sum(t.numel() * t.element_size() for t in tensors)
+    if name != "timm_vit_cls":
+        assert len({f.shape[1] for f in cache.features}) > 1  # the case the old estimate got wrong
+    assert estimated_cache_bytes(ee, iter(loader)) is None  # no len(): unknown
