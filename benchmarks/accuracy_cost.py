@@ -58,7 +58,7 @@ from eexit.baselines import (
 from eexit.config import GATE_FEATURES, HISTORY_FEATURES
 from eexit.data import FeatureCache
 from eexit.errors import EexitValueError
-from eexit.evaluate import CollectedOutputs
+from eexit.evaluation import CollectedOutputs
 from eexit.inference import decide_exits
 from eexit.sweep import budget_threshold, outputs_from_cache, sweep_lambda
 

@@ -12,12 +12,12 @@ at inference each sample really stops computing at its exit.
 from __future__ import annotations
 
 from ._version import __version__
-from .attach import attach, detach, from_pretrained
+from .attaching import attach, detach, from_pretrained
 from .backbones.base import list_specs, register_spec
 from .backbones.generic import GenericSpec
 from .config import ExitConfig, FitConfig
 from .errors import AdapterError, BackboneError, EexitError, EexitTypeError, EexitValueError, TrainingError
-from .evaluate import EvaluationReport, evaluate
+from .evaluation import EvaluationReport, evaluate
 from .inference import ExitPolicy, FixedExitPolicy, GatePolicy, ThresholdPolicy
 from .model import AllExitsOutput, EarlyExitModel, EarlyExitOutput
 from .train import fit

@@ -19,11 +19,11 @@ from pathlib import Path
 
 import torch
 
-from .attach import attach
+from .attaching import attach
 from .baselines.thresholds import budgeted_curve
 from .config import ExitConfig
 from .digits import load_digits_splits, make_digits_vit, train_classifier
-from .evaluate import collect_outputs, evaluate
+from .evaluation import collect_outputs, evaluate
 from .inference import ThresholdPolicy
 from .plots import plot_accuracy_cost
 from .train import fit

@@ -21,7 +21,7 @@ import torch
 from . import metrics
 from .data import FeatureCache, check_loader
 from .errors import EexitTypeError, EexitValueError
-from .evaluate import CollectedOutputs, EvaluationReport, collect_outputs, evaluate_outputs
+from .evaluation import CollectedOutputs, EvaluationReport, collect_outputs, evaluate_outputs
 from .inference import ExitState, GatePolicy, decide_exits
 from .model import EarlyExitModel
 from .train import fit

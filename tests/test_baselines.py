@@ -24,7 +24,7 @@ from eexit.baselines.boosted import boosted_loss
 from eexit.baselines.l2w import WeightNet, meta_loss, meta_step, threshold_assignment
 from eexit.data import FeatureCache
 from eexit.errors import EexitValueError
-from eexit.evaluate import collect_outputs
+from eexit.evaluation import collect_outputs
 from eexit.inference import ThresholdPolicy
 
 TRAIN = dict(epochs=2, lr=0.02)

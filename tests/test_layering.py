@@ -120,8 +120,8 @@ def test_eexit_has_no_import_cycle() -> None:
     [
         ("eexit.backbones.base", "eexit.backbones.timm_vit"),  # the registry imports no spec
         ("eexit._fingerprint", "eexit.model"),
-        ("eexit.hub", "eexit.attach"),
-        ("eexit.model", "eexit.attach"),
+        ("eexit.hub", "eexit.attaching"),
+        ("eexit.model", "eexit.attaching"),
         ("eexit.model", "eexit.staged"),
         ("eexit.config", "eexit"),
     ],
@@ -162,3 +162,12 @@ def test_public_api_exports_policies_errors_and_spec_classes() -> None:
     assert set(eexit.__all__) <= set(dir(eexit))
     assert {"BackboneSpec", "StagedSpec", "GenericSpec"} <= set(eexit.backbones.__all__)
     assert eexit.staged.StagedSpec is eexit.backbones.StagedSpec  # where it used to live still works
+
+
+def test_no_submodule_is_shadowed_by_a_function() -> None:
+    # `import eexit.attach as m` used to give the function attach, not the module that defines it.
+    import eexit
+
+    modules = {name.removeprefix("eexit.") for name in module_files() if name.count(".") == 1}
+    shadowed = sorted(n for n in eexit.__all__ if n in modules and not isinstance(getattr(eexit, n), type(eexit)))
+    assert not shadowed, shadowed

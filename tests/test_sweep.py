@@ -13,7 +13,7 @@ import eexit
 from eexit.config import FitConfig
 from eexit.data import FeatureCache
 from eexit.errors import EexitValueError
-from eexit.evaluate import evaluate_outputs
+from eexit.evaluation import evaluate_outputs
 from eexit.inference import GatePolicy, decide_exits
 from eexit.objective import depth_ic
 from eexit.sweep import budget_threshold, outputs_from_cache, sweep_lambda
