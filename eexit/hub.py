@@ -61,7 +61,7 @@ _COMMIT = re.compile(r"^[0-9a-f]{40}$")
 
 
 # ---------------------------------------------------------------------------------------------- saving
-def _record(ee: EarlyExitModel, name: str | None) -> tuple[str, dict[str, Any]]:
+def _named_record(ee: EarlyExitModel, name: str | None) -> tuple[str, dict[str, Any]]:
     """The adapter called ``name`` (default: the active one) as ``(name, record)``."""
     name = ee.active_adapter if name is None else name
     if name == ee.active_adapter:
@@ -71,8 +71,8 @@ def _record(ee: EarlyExitModel, name: str | None) -> tuple[str, dict[str, Any]]:
     return name, ee._stored_adapters[name]
 
 
-def _files(ee: EarlyExitModel, name: str | None, base_model: str | None, revision: str | None) -> AdapterFiles:
-    name, record = _record(ee, name)
+def _adapter_files(ee: EarlyExitModel, name: str | None, base_model: str | None, revision: str | None) -> AdapterFiles:
+    name, record = _named_record(ee, name)
     backbone = {"base_model": None, "revision": None, **ee.spec.describe(ee.backbone), **fingerprint_info(ee.backbone)}
     backbone["family"] = ee.spec.name
     if base_model is not None:
@@ -131,14 +131,14 @@ def save_pretrained(
             if name != "default" and (name in (".", "..") or "/" in name or "\\" in name):
                 raise AdapterError(f"adapter name {name!r} cannot be a subfolder name; rename the adapter.")
         targets = [(name, root if name == "default" else root / name) for name in selected_adapters]
-    built = [(folder, _files(ee, name, base_model, base_model_revision)) for name, folder in targets]
+    built = [(folder, _adapter_files(ee, name, base_model, base_model_revision)) for name, folder in targets]
     for folder, files in built:
         write_folder(folder, files)
     return root
 
 
 # ---------------------------------------------------------------------------------------------- locating
-def _is(err: Exception, name: str) -> bool:
+def _is_hub_error(err: Exception, name: str) -> bool:
     # huggingface_hub moved its errors from `utils` to `errors` over the 0.2x releases; accept either home.
     import huggingface_hub.utils
 
@@ -153,24 +153,24 @@ def _is(err: Exception, name: str) -> bool:
 def _hub_error(err: Exception, repo_id: str, revision: str | None) -> AdapterError:
     """Turn a huggingface_hub error into one that says what happened and what to do."""
     at = f" at revision {revision!r}" if revision else ""
-    if _is(err, "HFValidationError"):
+    if _is_hub_error(err, "HFValidationError"):
         return AdapterError(f"{repo_id!r} is neither a local folder nor a valid Hub repo id ('org/name'): {err}")
-    if _is(err, "RevisionNotFoundError"):
+    if _is_hub_error(err, "RevisionNotFoundError"):
         return AdapterError(
             f"the Hub repo {repo_id!r} has no revision {revision!r}; pass an existing branch, tag or commit hash."
         )
-    if _is(err, "RepositoryNotFoundError"):
+    if _is_hub_error(err, "RepositoryNotFoundError"):
         return AdapterError(
             f"no Hub repo {repo_id!r} (no local folder by that name either). Check the id; for a "
             "private or gated repo pass token= or log in with `hf auth login`."
         )
-    if _is(err, "LocalEntryNotFoundError"):
+    if _is_hub_error(err, "LocalEntryNotFoundError"):
         return AdapterError(
             f"{repo_id!r} is no local folder, and as a Hub repo{at} it is not in the local Hugging "
             "Face cache while the Hub cannot be reached (offline, HF_HUB_OFFLINE=1 or "
             "local_files_only=True). Check the path, or connect once to download it."
         )
-    if _is(err, "EntryNotFoundError"):
+    if _is_hub_error(err, "EntryNotFoundError"):
         return AdapterError(
             f"the Hub repo {repo_id!r}{at} has no {CONFIG_NAME} / {WEIGHTS_NAME}: it is not an eexit "
             "adapter (PEFT adapters have adapter_config.json; load those with peft)."
@@ -208,7 +208,9 @@ def _download(repo_id: str, subfolder: str | None, revision: str | None, **hub: 
     return config.parent
 
 
-def _locate(path_or_repo_id: str | os.PathLike[str], subfolder: str | None, revision: str | None, **hub: Any) -> Path:
+def _adapter_folder(
+    path_or_repo_id: str | os.PathLike[str], subfolder: str | None, revision: str | None, **hub: Any
+) -> Path:
     """The folder holding the adapter's files: a local folder if there is one, else a Hub download."""
     local = Path(path_or_repo_id).expanduser()
     if local.is_dir():
@@ -228,11 +230,11 @@ def _locate(path_or_repo_id: str | os.PathLike[str], subfolder: str | None, revi
     return _download(path_or_repo_id, subfolder, revision, **hub)
 
 
-def _read(
+def _read_adapter(
     path_or_repo_id: str | os.PathLike[str], subfolder: str | None, revision: str | None, **hub: Any
 ) -> tuple[SavedAdapter, dict[str, Any]]:
     """Find, read and fully validate an adapter's config and tensors (touches no model)."""
-    return read_folder(_locate(path_or_repo_id, subfolder, revision, **hub))
+    return read_folder(_adapter_folder(path_or_repo_id, subfolder, revision, **hub))
 
 
 def _check_name(adapter_name: object) -> None:
@@ -262,7 +264,7 @@ def read_pretrained(
     if not isinstance(model, nn.Module):
         raise AdapterError(f"from_pretrained expects the backbone (a torch.nn.Module), got {type(model).__name__}.")
     _check_name(adapter_name)
-    saved, state = _read(
+    saved, state = _read_adapter(
         path_or_repo_id, subfolder, revision, cache_dir=cache_dir, token=token, local_files_only=local_files_only
     )
     attach_kwargs = dict(attach_kwargs)
@@ -327,7 +329,7 @@ def load_adapter(
     _check_name(adapter_name)
     if adapter_name in ee.adapter_names:
         raise AdapterError(f"an adapter named {adapter_name!r} exists already; names here: {ee.adapter_names}.")
-    saved, state = _read(
+    saved, state = _read_adapter(
         path_or_repo_id, subfolder, revision, cache_dir=cache_dir, token=token, local_files_only=local_files_only
     )
     spec_for(ee.backbone, saved, ee.spec, None)
@@ -393,7 +395,7 @@ def push_to_hub(
     """
     from huggingface_hub import CommitOperationAdd, HfApi
 
-    files = _files(ee, adapter_name, base_model, base_model_revision)
+    files = _adapter_files(ee, adapter_name, base_model, base_model_revision)
     api = HfApi(token=token)
     url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
     repo_id = getattr(url, "repo_id", None) or repo_id  # "name" becomes "user/name"

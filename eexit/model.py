@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextvars
 import dataclasses
+import enum
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -80,12 +81,20 @@ class _AllExited(Exception):
     """Raised inside a hook to stop the backbone once no sample is left running."""
 
 
+class RunMode(enum.Enum):
+    """What one call of the backbone is for: real early exit, every exit's outputs, or the exits' features."""
+
+    EARLY = "early"
+    ALL = "all"
+    FEATURES = "features"
+
+
 @dataclass
 class _Run:
     """State of one eexit call, visible to the hooks through ``_RUN``."""
 
     owner: EarlyExitModel
-    mode: str  # "early" | "all" | "features"
+    mode: RunMode
     batch: int = 0  # input batch size (in early mode the running batch is state.positions)
     state: ExitState | None = None
     policy: ExitPolicy | None = None
@@ -330,14 +339,14 @@ class EarlyExitModel(nn.Module):
             features = self.spec.pool_at(self.backbone, self.spec.hidden(output), block)  # [b, D_k]
             batch = run.state.positions.shape[0] if run.state is not None else run.batch
             self._check_features(k, features, batch)
-            if run.mode == "features":
+            if run.mode is RunMode.FEATURES:
                 run.features.append(features)
                 if is_final_im:
                     raise _AllExited
                 return None
             history = run.state.history if run.state is not None else run.history
             logits, gate_logit = self._exit_step(k, features, history)
-            if run.mode == "all":
+            if run.mode is RunMode.ALL:
                 if run.history is not None:
                     run.history = run.history.after(logits)
                 run.logits.append(logits)
@@ -430,7 +439,7 @@ class EarlyExitModel(nn.Module):
             _RUN.reset(token)
 
     def _run_all_exits(self, pixel_values: torch.Tensor, on_exit: Callable[[], None] | None = None) -> AllExitsOutput:
-        run = _Run(owner=self, mode="all", batch=pixel_values.shape[0], on_exit=on_exit)
+        run = _Run(owner=self, mode=RunMode.ALL, batch=pixel_values.shape[0], on_exit=on_exit)
         run.history = ExitHistory() if self.uses_history else None
         final = self._call_backbone(run, pixel_values)
         logits = run.logits + ([final] if self.has_backbone_head and final is not None else [])
@@ -443,7 +452,7 @@ class EarlyExitModel(nn.Module):
         With a frozen backbone these are all the heads and gates need, so :func:`eexit.fit` caches them.
         """
         pixel_values = self._check_input(pixel_values)
-        run = _Run(owner=self, mode="features", batch=pixel_values.shape[0])
+        run = _Run(owner=self, mode=RunMode.FEATURES, batch=pixel_values.shape[0])
         final = self._call_backbone(run, pixel_values)
         return run.features, (final if self.has_backbone_head else None)
 
@@ -486,7 +495,7 @@ class EarlyExitModel(nn.Module):
         batch, device = pixel_values.shape[0], pixel_values.device
         run = _Run(
             owner=self,
-            mode="early",
+            mode=RunMode.EARLY,
             state=ExitState.start(batch, device, with_history=self.uses_history),
             policy=self._check_policy(policy),
         )

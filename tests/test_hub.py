@@ -172,7 +172,7 @@ def test_interrupted_save_leaves_the_previous_adapter_loadable(tmp_path, monkeyp
 
     # A hard kill after the tensors were swapped: new tensors, previous config, previous tensors set aside.
     (path / hub.BACKUP_NAME).write_bytes(before["eexit_adapter.safetensors"])
-    (path / "eexit_adapter.safetensors").write_bytes(hub._files(new, None, None, None).tensors)
+    (path / "eexit_adapter.safetensors").write_bytes(hub._adapter_files(new, None, None, None).tensors)
     with pytest.warns(UserWarning, match="interrupted"):
         loaded = eexit.from_pretrained(fresh_copy(old), path)
     assert all(torch.equal(v, loaded.adapter_state_dict()[k]) for k, v in old.adapter_state_dict().items())
