@@ -29,7 +29,12 @@ def test_exit_histogram_and_per_exit_accuracy(tmp_path):
     assert (tmp_path / "h.png").exists()
     fig = plot_per_exit_accuracy({"a": [0.5, float("nan"), 0.9]}, tmp_path / "acc.png", exit_labels=["1", "2", "head"])
     assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["1", "2", "head"]
-    assert plot_accuracy_cost({"a": [(1.0, 0.5), (2.0, 0.7)]}, None) is not None
+    fig = plot_accuracy_cost({"a": [(2.0, 0.7), (1.0, 0.5)]}, None, reference=(3.0, 0.9))
+    [line] = fig.axes[0].get_lines()
+    assert list(line.get_xdata()) == [1.0, 2.0] and list(line.get_ydata()) == [50.0, 70.0]  # sorted by cost, in %
+    [star] = fig.axes[0].collections
+    assert star.get_offsets().tolist() == [[3.0, 90.0]]
+    assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == ["a", "full backbone"]
 
 
 def test_plots_refuse_bad_input():

@@ -121,7 +121,14 @@ def test_dict_batches_are_accepted():
     ee = eexit.attach(tiny_timm_vit())
     data = _separable_data(32)
     batches = [{"pixel_values": data.tensors[0], "labels": data.tensors[1]}]
+    before = {k: v.clone() for k, v in ee.adapter_state_dict().items()}
     eexit.fit(ee, batches, batches, lam=0.1, epochs=1, warmup_epochs=0, progress=False)
+    after = ee.adapter_state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)  # the dict batches were trained on
+    assert ee.history and ee.history[-1]["val_accuracy"] >= 0.0  # and validated on
+    tuples = [(data.tensors[0], data.tensors[1])]
+    with pytest.raises(EexitValueError, match="labels"):
+        eexit.fit(ee, [{"pixel_values": data.tensors[0]}], tuples, lam=0.1, epochs=1, warmup_epochs=0, progress=False)
 
 
 def test_negative_lambda():
