@@ -492,8 +492,9 @@ def markdown(runs: list[Run], setup: Setup, seconds: float) -> str:
     headline = [m for m in runs[0].results if not m.startswith("ablation")]
     n_test = runs[0].results[DEFAULT][BUDGETS[0]]["_correct"].numel()
     lines = [
-        f"**{setup.dataset}**, {len(runs)} runs ({len(setup.backbone_seeds)} backbone seed(s) × "
-        f"{len(setup.exit_seeds)} exit seed(s)), {n_test} test images. Test accuracy (%) at "
+        f"**{setup.dataset}**, {len(runs)} run(s) finished (backbone seeds "
+        f"{sorted({r.backbone_seed for r in runs})} × exit seeds {sorted({r.exit_seed for r in runs})}; the setup "
+        f"asks for {len(setup.backbone_seeds)} × {len(setup.exit_seeds)}), {n_test} test images. Test accuracy (%) at "
         "each budget (fraction of the backbone's FLOPs) with the operating point chosen on validation; mean ± 95 % "
         "t-interval over runs. Primary endpoint: mean over budgets "
         + ", ".join(map(str, PRIMARY))
