@@ -128,15 +128,11 @@ def _training(meta: dict[str, Any]) -> str:
     return text
 
 
-def _exits_from_config(meta: dict[str, Any]) -> str:
-    return f"{meta['exit_config'].get('head')} heads on features of width {meta.get('feature_width')}"
-
-
-def render_card(meta: dict[str, Any], exits: str | None = None) -> str:
+def render_card(meta: dict[str, Any], exits: str) -> str:
     """The README.md of an adapter, from its saved config dict (see ``adapters/README.md``).
 
-    ``exits`` describes the IMs (what they are, the width of each exit's features); without it the card says
-    what the config holds.
+    ``exits`` describes the IMs from the live model (what they are, the width of each exit's features), which the
+    config does not record.
     """
     backbone = meta["backbone"]
     base = backbone.get("base_model")
@@ -168,7 +164,7 @@ def render_card(meta: dict[str, Any], exits: str | None = None) -> str:
         )
         + "\n\n`eexit.from_pretrained` refuses a backbone whose weights have another fingerprint.\n",
         "## Exits\n\n"
-        f"{len(meta['exit_blocks'])} IMs ({exits or _exits_from_config(meta)}), {meta['num_classes']} classes, "
+        f"{len(meta['exit_blocks'])} IMs ({exits}), {meta['num_classes']} classes, "
         f"{exit_cfg.get('gates', 'paper')} gates, gate threshold "
         f"{exit_cfg.get('threshold')}. Cost per sample, measured with `torch.utils.flop_counter`:\n\n"
         + _markdown_table(["exit", "after", "MFLOPs", "fraction of backbone"], _exit_rows(meta))

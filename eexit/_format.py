@@ -90,7 +90,7 @@ class AdapterFiles:
     tensors: bytes
     meta: dict[str, Any]
     #: How the card describes the exits (from the live model; not part of the saved format).
-    exits: str | None = None
+    exits: str
 
     def card(self) -> bytes:
         from ._card import render_card

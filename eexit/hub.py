@@ -250,23 +250,20 @@ def read_pretrained(
     revision: str | None,
     adapter_name: str,
     subfolder: str | None,
-    cache_dir: str | os.PathLike[str] | None,
-    token: str | bool | None,
-    local_files_only: bool,
     ignore_fingerprint: bool,
     attach_kwargs: dict[str, Any],
+    **hub: Any,
 ) -> tuple[SavedAdapter, dict[str, Any], Any, dict[str, Any]]:
     """Read and check an adapter for the bare backbone ``model``, touching nothing.
 
-    The first half of :func:`eexit.from_pretrained` (which then attaches and calls :func:`install_adapter`):
-    returns the saved adapter, its tensors, the spec to attach with and the keyword arguments for attach.
+    The first half of :func:`eexit.from_pretrained` (which then attaches and calls :func:`install_adapter`), with
+    its arguments (``hub``: ``cache_dir``, ``token``, ``local_files_only``): returns the saved adapter, its tensors,
+    the spec to attach with and the keyword arguments for attach.
     """
     if not isinstance(model, nn.Module):
         raise AdapterError(f"from_pretrained expects the backbone (a torch.nn.Module), got {type(model).__name__}.")
     _check_name(adapter_name)
-    saved, state = _read_adapter(
-        path_or_repo_id, subfolder, revision, cache_dir=cache_dir, token=token, local_files_only=local_files_only
-    )
+    saved, state = _read_adapter(path_or_repo_id, subfolder, revision, **hub)
     attach_kwargs = dict(attach_kwargs)
     spec = spec_for(model, saved, attach_kwargs.pop("spec", None), attach_kwargs.pop("backbone", None))
     check_structure(saved, spec, model)
@@ -281,9 +278,9 @@ def install_adapter(ee: EarlyExitModel, saved: SavedAdapter, state: dict[str, An
     """Load a read adapter's tensors and records into freshly attached exits (strictly), as ``adapter_name``."""
     try:
         ee.load_adapter_state_dict(state)
-    except EexitError as err:
-        if isinstance(err, AdapterError):
-            raise
+    except AdapterError:
+        raise
+    except EexitError as err:  # a shape or name mismatch: say which files it came from
         raise AdapterError(f"{saved.source}: {err}") from err
     ee.fit_config, ee.history, ee.evaluation = saved.fit_config, saved.history, saved.evaluation
     ee.active_adapter = adapter_name
