@@ -101,8 +101,8 @@ SETUPS = {
     ),
     "fashion-mnist": Setup(
         "fashion-mnist",
-        exit_seeds=(0, 1),
-        ablation_seeds=(0, 1),
+        exit_seeds=(0, 1, 2, 3, 4),
+        ablation_seeds=(0, 1, 2),
         backbone_epochs=10,
         warmup_epochs=8,
         jei_epochs=4,
