@@ -696,8 +696,9 @@ def main(argv: list[str] | None = None) -> int:
     stem = "accuracy_cost_" + key.replace("-", "_")
     args.out.mkdir(parents=True, exist_ok=True)
     runs = []
-    for b in setup.backbone_seeds:
-        for s in setup.exit_seeds:
+    # Exit seeds outermost, so that a benchmark stopped early has runs on every backbone.
+    for s in setup.exit_seeds:
+        for b in setup.backbone_seeds:
             ablation = not args.no_ablation and b == setup.backbone_seeds[0] and s in setup.ablation_seeds
             runs.append(run_one(setup, b, s, splits, backbones, ablation))
             # written after every run, so a long benchmark stopped early still leaves its finished runs
@@ -705,8 +706,8 @@ def main(argv: list[str] | None = None) -> int:
             (args.out / f"{stem}.md").write_text(table)
             payload = {"setup": asdict(setup), "runs": _jsonable(runs)}
             (args.out / f"{stem}.json").write_text(json.dumps(payload, indent=1))
-    title = f"{setup.dataset}: accuracy at matched cost (mean, 95 % t-interval, {len(runs)} runs)"
-    plot(runs, args.out / f"{stem}.png", title)
+            title = f"{setup.dataset}: accuracy at matched cost (mean, 95 % t-interval, {len(runs)} runs)"
+            plot(runs, args.out / f"{stem}.png", title)
     print(table)
     print(f"total {(time.time() - start) / 60:.1f} min")
     return 0

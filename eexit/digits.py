@@ -97,7 +97,7 @@ def train_classifier(
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * len(loader), pct_start=0.1)
     model.train()
-    for _ in tqdm(range(epochs), desc="training the digits ViT", disable=not progress):
+    for _ in tqdm(range(epochs), desc="training the backbone", disable=not progress):
         for x, y in loader:
             # small random shifts: the digits are few, and a ViT overfits them quickly without augmentation
             x = torch.roll(x, shifts=tuple(torch.randint(-1, 2, (2,)).tolist()), dims=(2, 3))
