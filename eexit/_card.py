@@ -95,7 +95,10 @@ def _text_plot(meta: dict[str, Any], per_exit: dict[str, list[Any]]) -> str:
 def _results(meta: dict[str, Any]) -> str:
     evaluation = meta.get("evaluation")
     if not evaluation:
-        return "No evaluation was stored with this adapter. Run `eexit.evaluate` and save again to add one.\n"
+        return (
+            "No evaluation was stored with this adapter. Set `ee.evaluation = eexit.evaluate(...).to_dict()` and "
+            "save again to add one.\n"
+        )
     flat = _flatten(evaluation)
     num_exits = len(meta["cost_table"]["exit_flops"])
     per_exit = _per_exit(flat, num_exits)

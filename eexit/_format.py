@@ -9,8 +9,8 @@ One adapter is three files (``adapters/README.md`` documents every field):
 
 Nothing here touches a model: :func:`parse_config` and :func:`read_tensors` validate the files completely,
 so that :mod:`eexit.hub` can refuse a bad adapter before it attaches anything. Only JSON and safetensors are
-ever read; nothing is unpickled. :func:`write_folder` swaps a new adapter in so that a folder always holds a
-loadable one, even when a save is killed halfway (:func:`read_folder` then loads the previous adapter).
+ever read; nothing is unpickled. Writing and reading the folder itself (atomic swaps, recovery from a save
+killed halfway) is :mod:`eexit._disk`'s job.
 """
 
 from __future__ import annotations
@@ -19,8 +19,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
-import uuid
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -29,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .adapters import AdapterRecord
 from .backbones.base import StagedSpec
 from .config import FORMAT_VERSION, ExitConfig, FitConfig
 from .cost import CostTable
@@ -46,10 +45,8 @@ __all__ = [
     "SavedAdapter",
     "build_files",
     "parse_config",
-    "read_folder",
     "read_tensors",
     "safetensors_bytes",
-    "write_folder",
 ]
 
 CONFIG_NAME = "eexit_config.json"
@@ -165,13 +162,13 @@ def safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]
     return len(header).to_bytes(8, "little") + header + raw[8 + size :]
 
 
-def build_files(ee: EarlyExitModel, name: str, record: dict[str, Any], backbone: dict[str, Any]) -> AdapterFiles:
+def build_files(ee: EarlyExitModel, name: str, record: AdapterRecord, backbone: dict[str, Any]) -> AdapterFiles:
     """Serialise one adapter of ``ee`` (its tensors and training record) to the bytes of its files.
 
     Args:
         ee: the model holding the adapter.
         name: the adapter's name (stored for information).
-        record: ``{"state", "fit_config", "history", "evaluation"}`` as kept by EarlyExitModel.
+        record: the adapter's snapshot (``ee.adapter_record(name)``).
         backbone: provenance and fingerprint of the backbone (``backbone`` field of the config).
     """
     from ._version import __version__
@@ -179,8 +176,8 @@ def build_files(ee: EarlyExitModel, name: str, record: dict[str, Any], backbone:
     if ee.cost_table is None:
         raise AdapterError("this model has no cost table, so its adapter cannot be saved; build it with eexit.attach.")
     # Clone to contiguous CPU tensors: safetensors refuses views and shared storage.
-    state = {k: v.detach().to("cpu").contiguous().clone() for k, v in sorted(record["state"].items())}
-    fit_config = record.get("fit_config")
+    state = {k: v.detach().to("cpu").contiguous().clone() for k, v in sorted(record.state.items())}
+    fit_config = record.fit_config
     header = {
         "format": "pt",
         "library": "eexit",
@@ -191,7 +188,7 @@ def build_files(ee: EarlyExitModel, name: str, record: dict[str, Any], backbone:
     }
     tensors = safetensors_bytes(state, metadata=header)
     # Each adapter keeps its own gate threshold (set_adapter switches it); records made before that have none.
-    threshold = {"threshold": float(record["threshold"])} if record.get("threshold") is not None else {}
+    threshold = {"threshold": float(record.threshold)} if record.threshold is not None else {}
     meta = {
         "format_version": FORMAT_VERSION,
         "eexit_version": __version__,
@@ -208,8 +205,8 @@ def build_files(ee: EarlyExitModel, name: str, record: dict[str, Any], backbone:
         "feature_width": int(ee.spec.feature_width(ee.backbone)),
         "cost_table": ee.cost_table.to_dict(),
         "fit_config": fit_config.to_dict() if fit_config is not None else None,
-        "history": jsonable(list(record.get("history") or []), "history"),
-        "evaluation": jsonable(record.get("evaluation"), "evaluation"),
+        "history": jsonable(list(record.history), "history"),
+        "evaluation": jsonable(record.evaluation, "evaluation"),
         "tensors": {
             "file": WEIGHTS_NAME,
             "sha256": hashlib.sha256(tensors).hexdigest(),
@@ -381,67 +378,3 @@ def read_tensors(path: Path, saved: SavedAdapter) -> dict[str, torch.Tensor]:
             "files do not belong together. Save or download the adapter again."
         )
     return state
-
-
-# ---------------------------------------------------------------------------------------------- disk
-def write_folder(folder: Path, files: AdapterFiles) -> None:
-    """Write one adapter atomically: stage every file, then swap them in; the card only if there is none."""
-    folder.mkdir(parents=True, exist_ok=True)
-    tag = uuid.uuid4().hex
-    staged = {name: folder / f".{name}.{tag}.tmp" for name in (WEIGHTS_NAME, CONFIG_NAME, CARD_NAME)}
-    tensors, config, card = folder / WEIGHTS_NAME, folder / CONFIG_NAME, folder / CARD_NAME
-    backup = folder / BACKUP_NAME
-    swapped = False
-    try:
-        for name, data in ((WEIGHTS_NAME, files.tensors), (CONFIG_NAME, files.config)):
-            _write_synced(staged[name], data)
-        # The swap: the old tensors are kept aside until the new config is in place, so at every instant the
-        # folder holds a consistent pair (the config's sha256 picks the right tensor file on load).
-        if tensors.exists():
-            os.replace(tensors, backup)
-        swapped = True
-        os.replace(staged[WEIGHTS_NAME], tensors)
-        os.replace(staged[CONFIG_NAME], config)
-        swapped = False
-        backup.unlink(missing_ok=True)
-        if not card.exists():  # a card that is there was perhaps edited by hand: never overwrite it
-            _write_synced(staged[CARD_NAME], files.card())
-            try:
-                os.link(staged[CARD_NAME], card)  # fails if a card appeared meanwhile
-            except FileExistsError:
-                pass
-            except OSError:  # no hard links on this file system
-                os.replace(staged[CARD_NAME], card)
-    finally:
-        if swapped and backup.exists():  # failed mid-swap: put the previous tensors back
-            os.replace(backup, tensors)
-        for path in staged.values():
-            path.unlink(missing_ok=True)
-
-
-def _write_synced(path: Path, data: bytes) -> None:
-    with open(path, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-
-
-def read_folder(folder: Path) -> tuple[SavedAdapter, dict[str, torch.Tensor]]:
-    """Read and validate the adapter in ``folder``, recovering from a save that was killed mid-swap."""
-    saved = parse_config((folder / CONFIG_NAME).read_bytes(), str(folder / CONFIG_NAME))
-    try:
-        return saved, read_tensors(folder / WEIGHTS_NAME, saved)
-    except AdapterError as first:
-        backup = folder / BACKUP_NAME
-        if not backup.is_file():
-            raise
-        try:  # killed between swapping the tensors and the config: the previous pair is intact
-            state = read_tensors(backup, saved)
-        except AdapterError:
-            raise first from None
-        warnings.warn(
-            f"{folder}: a save was interrupted; loading the previous adapter. Save again to finish it.",
-            UserWarning,
-            stacklevel=4,
-        )
-        return saved, state

@@ -19,8 +19,7 @@ from .config import ExitConfig
 from .cost import measure_cost_table
 from .errors import AdapterError, BackboneError, EexitValueError
 from .hub import install_adapter, read_pretrained
-from .model import EarlyExitModel
-from .staged import StagedEarlyExitModel
+from .model import EarlyExitModel, make_driver
 
 __all__ = ["attach", "detach", "from_pretrained"]
 
@@ -117,35 +116,9 @@ def attach(
             "so the cost table can be measured."
         )
 
-    # Built before anything is changed, so a configuration the model class refuses leaves the model untouched.
-    ee = (StagedEarlyExitModel if staged else EarlyExitModel)(model, spec, exit_blocks, classes, config)
-
-    # Record every flag we change, then freeze.
-    grad_flags = [(p, p.requires_grad) for p in model.parameters()]
-    modes = [(m, m.training) for m in model.modules()]
-    for p, _ in grad_flags:
-        p.requires_grad_(False)
-    model.eval()
-
-    param = next(model.parameters(), None)
-    if param is not None:
-        ee.heads.to(device=param.device, dtype=param.dtype)
-        ee.gates.to(device=param.device, dtype=param.dtype)
-    if not staged:  # a staged backbone runs stage by stage (eexit.staged): no hooks
-        for k, block in enumerate(exit_blocks):
-            ee._handles.append(blocks[block][1].register_forward_hook(ee._make_hook(k)))
-
-    def restore() -> None:
-        for handle in ee._handles:
-            handle.remove()
-        ee._handles.clear()
-        for p, flag in grad_flags:
-            p.requires_grad_(flag)
-        for m, mode in modes:
-            m.training = mode
-        _ATTACHED.discard(model)
-
-    ee._restore = restore
+    # Built before anything is changed, so a configuration the driver refuses leaves the model untouched.
+    ee = EarlyExitModel(model, spec, exit_blocks, classes, config, make_driver(model, spec, exit_blocks, config))
+    ee.install(on_detach=lambda: _ATTACHED.discard(model))  # freezes the backbone, records what detach undoes
     _ATTACHED.add(model)
     try:
         ee.cost_table = measure_cost_table(ee, shape)  # type: ignore[arg-type]

@@ -137,7 +137,7 @@ def measure_cost_table(ee: EarlyExitModel, input_shape: tuple[int, int, int]) ->
                 ee.spec.call(ee.backbone, example)
             readings: list[float] = []
             with flop_counter() as counter:
-                ee._run_all_exits(example, on_exit=lambda: readings.append(float(counter.get_total_flops())))
+                ee.run_all_exits(example, on_exit=lambda: readings.append(float(counter.get_total_flops())))
                 total = float(counter.get_total_flops())
     finally:
         ee.train(was_training)

@@ -97,6 +97,7 @@ def run_demo(
         )
         points[default].append((report.mean_gflops, report.accuracy))
         results["lams"][str(lam)] = report.to_dict()
+        ee.evaluation = report.to_dict()  # saved with this λ's adapter (evaluate itself changes nothing)
         ee.add_adapter(f"lam_{lam:g}")
 
     # The threshold baseline on the same IMs: those of the middle λ's adapter.

@@ -16,8 +16,8 @@ import torch
 from tqdm.auto import tqdm
 
 from . import metrics
-from .data import check_labels, check_loader, unpack_batch
-from .errors import EexitValueError
+from .data import FeatureCache, check_labels, check_loader, unpack_batch
+from .errors import EexitTypeError, EexitValueError
 from .inference import ExitPolicy, decide_exits
 from .model import EarlyExitModel
 
@@ -34,24 +34,55 @@ class CollectedOutputs:
 
 
 @torch.no_grad()
-def collect_outputs(ee: EarlyExitModel, loader: Iterable[Any], progress: bool = False) -> CollectedOutputs:
-    """Run every exit on every sample of ``loader`` (labels checked against the model's classes)."""
-    check_loader(loader, "loader")
+def collect_outputs(
+    ee: EarlyExitModel,
+    source: Iterable[Any] | FeatureCache | CollectedOutputs,
+    progress: bool = False,
+    batch_size: int = 1024,
+    name: str = "loader",
+) -> CollectedOutputs:
+    """Every exit's logits and gate logits, with the labels, of a whole dataset: the one way eexit collects them.
+
+    Args:
+        ee: the attached model.
+        source: a loader of ``(images, labels)`` (or dicts; labels checked against the model's classes), in which
+            case the backbone runs once over it; a :class:`~eexit.data.FeatureCache` of the frozen backbone's exit
+            features, in which case only the exits run (what sweeps and baselines do on every epoch or λ); or
+            outputs already collected, returned as they are.
+        progress: show a progress bar over the loader.
+        batch_size: mini-batch size when reading a feature cache.
+        name: what the caller calls ``source``, for error messages.
+    """
+    if isinstance(source, CollectedOutputs):
+        return source
     was_training = ee.training
     ee.eval()
-    device = next(ee.parameters()).device
     logits, gates, labels = [], [], []
     try:
-        for batch in tqdm(loader, desc="evaluating", disable=not progress, leave=False):
-            images, y = unpack_batch(batch)
-            labels.append(check_labels(y, ee.num_classes).cpu())
-            out = ee(images.to(device), all_exits=True)
-            logits.append(out.logits.float().cpu())
-            gates.append(out.gate_logits.float().cpu())
+        if isinstance(source, FeatureCache):
+            for feats, final, _ in source.batches(batch_size, shuffle=False):
+                out = ee.outputs_from_features(feats, final)
+                logits.append(out.logits.float().cpu())  # [E, b, C]
+                gates.append(out.gate_logits.float().cpu())  # [E-1, b]
+            labels.append(source.labels.cpu())
+        else:
+            if not isinstance(source, Iterable):
+                raise EexitTypeError(
+                    f"{name} must be a DataLoader (any iterable of (images, labels) batches), a FeatureCache or "
+                    f"CollectedOutputs; got {type(source).__name__}."
+                )
+            check_loader(source, name)
+            device = next(ee.parameters()).device
+            for batch in tqdm(source, desc="evaluating", disable=not progress, leave=False):
+                images, y = unpack_batch(batch)
+                labels.append(check_labels(y, ee.num_classes).cpu())
+                out = ee(images.to(device), all_exits=True)
+                logits.append(out.logits.float().cpu())
+                gates.append(out.gate_logits.float().cpu())
     finally:
         ee.train(was_training)
-    if not labels:
-        raise EexitValueError("the loader yielded no batch; evaluate needs at least one.")
+    if not logits:
+        raise EexitValueError("the loader yielded no batch (or the cache is empty); at least one sample is needed.")
     return CollectedOutputs(torch.cat(logits, dim=1), torch.cat(gates, dim=1), torch.cat(labels))
 
 
@@ -119,7 +150,8 @@ def evaluate(
         progress: show a progress bar.
 
     Returns:
-        An :class:`EvaluationReport`, also stored on ``ee.evaluation`` as a dict (saved with the adapter).
+        An :class:`EvaluationReport`. The model is not changed: to save the report with the adapter (its model
+        card shows it), store it yourself with ``ee.evaluation = report.to_dict()`` before ``save_pretrained``.
     """
     if not 0.0 < alpha < 1.0:
         raise EexitValueError(f"alpha must be in (0, 1), got {alpha}.")
@@ -127,12 +159,10 @@ def evaluate(
     out = collect_outputs(ee, loader, progress)
     calibration = None
     if calibration_loader is not None:
-        cal = collect_outputs(ee, calibration_loader, progress)
+        cal = collect_outputs(ee, calibration_loader, progress, name="calibration_loader")
         calibration = (cal, decide_exits(cal.logits, cal.gate_logits, policy))
     taken = decide_exits(out.logits, out.gate_logits, policy)  # [N]
-    report = evaluate_outputs(ee, out, taken, calibration=calibration, alpha=alpha)
-    ee.evaluation = report.to_dict()
-    return report
+    return evaluate_outputs(ee, out, taken, calibration=calibration, alpha=alpha)
 
 
 def evaluate_outputs(

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
+from ._disk import read_folder, write_folder
 from ._fingerprint import backbone_fingerprint, check_fingerprint, check_structure, fingerprint_info, spec_for
 from ._format import (
     BACKUP_NAME,
@@ -34,9 +35,8 @@ from ._format import (
     AdapterFiles,
     SavedAdapter,
     build_files,
-    read_folder,
-    write_folder,
 )
+from .adapters import AdapterRecord, check_adapter_name
 from .errors import AdapterError, EexitError
 
 if TYPE_CHECKING:
@@ -61,14 +61,12 @@ _COMMIT = re.compile(r"^[0-9a-f]{40}$")
 
 
 # ---------------------------------------------------------------------------------------------- saving
-def _named_record(ee: EarlyExitModel, name: str | None) -> tuple[str, dict[str, Any]]:
-    """The adapter called ``name`` (default: the active one) as ``(name, record)``."""
+def _named_record(ee: EarlyExitModel, name: str | None) -> tuple[str, AdapterRecord]:
+    """The adapter called ``name`` (default: the active one) as ``(name, snapshot)``."""
     name = ee.active_adapter if name is None else name
-    if name == ee.active_adapter:
-        return name, ee._adapter_record()
-    if name not in ee._stored_adapters:
+    if name not in ee.adapter_names:
         raise AdapterError(f"no adapter named {name!r}; this model holds {ee.adapter_names}.")
-    return name, ee._stored_adapters[name]
+    return name, ee.adapter_record(name)
 
 
 def _adapter_files(ee: EarlyExitModel, name: str | None, base_model: str | None, revision: str | None) -> AdapterFiles:
@@ -128,8 +126,7 @@ def save_pretrained(
         if isinstance(selected_adapters, str) or not selected_adapters:
             raise AdapterError(f"selected_adapters must be a non-empty list of names, got {selected_adapters!r}.")
         for name in selected_adapters:
-            if name != "default" and (name in (".", "..") or "/" in name or "\\" in name):
-                raise AdapterError(f"adapter name {name!r} cannot be a subfolder name; rename the adapter.")
+            _check_name(name)  # every adapter but "default" becomes a subfolder of its name
         targets = [(name, root if name == "default" else root / name) for name in selected_adapters]
     built = [(folder, _adapter_files(ee, name, base_model, base_model_revision)) for name, folder in targets]
     for folder, files in built:
@@ -238,8 +235,7 @@ def _read_adapter(
 
 
 def _check_name(adapter_name: object) -> None:
-    if not isinstance(adapter_name, str) or not adapter_name:
-        raise AdapterError(f"adapter_name must be a non-empty string, got {adapter_name!r}.")
+    check_adapter_name(adapter_name, AdapterError)
 
 
 # ---------------------------------------------------------------------------------------------- loading
@@ -282,8 +278,10 @@ def install_adapter(ee: EarlyExitModel, saved: SavedAdapter, state: dict[str, An
         raise
     except EexitError as err:  # a shape or name mismatch: say which files it came from
         raise AdapterError(f"{saved.source}: {err}") from err
-    ee.fit_config, ee.history, ee.evaluation = saved.fit_config, saved.history, saved.evaluation
-    ee.active_adapter = adapter_name
+    ee.activate(
+        AdapterRecord(state, saved.fit_config, list(saved.history or []), saved.evaluation, saved.exit_config.threshold)
+    )
+    ee.adapters.rename_active(adapter_name)
     _compare_costs(saved, ee)
 
 
@@ -323,9 +321,7 @@ def load_adapter(
     Raises:
         AdapterError: the files are bad, the name is taken, or the adapter does not fit this model.
     """
-    _check_name(adapter_name)
-    if adapter_name in ee.adapter_names:
-        raise AdapterError(f"an adapter named {adapter_name!r} exists already; names here: {ee.adapter_names}.")
+    ee.adapters.check_new(adapter_name, AdapterError)
     saved, state = _read_adapter(
         path_or_repo_id, subfolder, revision, cache_dir=cache_dir, token=token, local_files_only=local_files_only
     )
@@ -345,13 +341,8 @@ def load_adapter(
             "Load it with eexit.from_pretrained onto the bare backbone instead."
         )
     check_fingerprint(saved, ee.spec, ee.backbone, ignore_fingerprint)
-    record = {
-        "state": state,
-        "fit_config": saved.fit_config,
-        "history": saved.history,
-        "evaluation": saved.evaluation,
-        "threshold": theirs.threshold,  # the adapter's own τ: set_adapter switches to it
-    }
+    # The adapter's own τ goes with it: set_adapter switches to it.
+    record = AdapterRecord(state, saved.fit_config, list(saved.history or []), saved.evaluation, theirs.threshold)
     try:
         ee.add_adapter(adapter_name, record)
     except EexitError as err:

@@ -6,7 +6,8 @@ the pitfalls of the authors' code fixed (reference/jei-dnn.md §5.4):
 
 - probabilities come from exactly ONE softmax of the logits given (their baselines' ECE applied two);
 - ECE is computed once on the whole set with a stated binning (theirs averaged per-mini-batch ECEs);
-- conformal quantiles are per exit, from a clean calibration split, with the exact split-conformal rank.
+- conformal quantiles are per exit, from a clean calibration split, with the exact split-conformal rank
+  (:mod:`eexit.conformal`, whose functions are re-exported here).
 
 Everything is computed in float64: confident models put many float32 max-probabilities exactly on 1.0, which
 would merge calibration bins and conformal scores into ties.
@@ -22,7 +23,9 @@ from typing import Literal, NamedTuple
 import torch
 from torch import Tensor
 
-from eexit.errors import EexitTypeError, EexitValueError
+from eexit._checks import _as_float_vector, _check_index, _check_logits
+from eexit.conformal import conformal_calibrate, conformal_coverage_and_size, conformal_quantile, conformal_sets
+from eexit.errors import EexitValueError
 
 __all__ = [
     "PerExitAccuracy",
@@ -41,84 +44,6 @@ __all__ = [
 ]
 
 Binning = Literal["width", "mass"]
-
-
-def _check_tensor(x: object, name: str) -> Tensor:
-    if not isinstance(x, Tensor):
-        raise EexitTypeError(
-            f"{name}: expected a torch.Tensor, got {type(x).__name__}. Fix: wrap it with torch.as_tensor(...)."
-        )
-    return x
-
-
-def _check_logits(logits: object, name: str, ndim: int) -> Tensor:
-    """Float tensor of `ndim` dims, no empty dim, finite (NaN would silently poison every metric)."""
-    logits = _check_tensor(logits, name)
-    shape = "[N, C]" if ndim == 2 else "[E, N, C]"
-    if logits.ndim != ndim:
-        raise EexitValueError(
-            f"{name}: expected shape {shape}, got {tuple(logits.shape)}. Fix: pass logits "
-            "with samples and classes as the last two dims."
-        )
-    if not logits.is_floating_point():
-        raise EexitTypeError(f"{name}: expected floating-point logits, got {logits.dtype}. Fix: .float().")
-    if logits.numel() == 0:
-        raise EexitValueError(
-            f"{name}: expected a non-empty {shape} tensor, got {tuple(logits.shape)}. "
-            "Fix: evaluate on at least one sample with at least one class."
-        )
-    if not bool(torch.isfinite(logits).all()):
-        raise EexitValueError(f"{name}: expected finite logits, got NaN or inf. Fix: check the model output.")
-    return logits
-
-
-def _check_index(x: object, name: str, n: int, upper: int, what: str) -> Tensor:
-    """1-D integer tensor of length n with values in [0, upper)."""
-    x = _check_tensor(x, name)
-    if x.dtype == torch.bool or x.is_floating_point() or x.is_complex():
-        raise EexitTypeError(f"{name}: expected an integer tensor, got {x.dtype}. Fix: .long().")
-    if x.ndim != 1 or x.numel() != n:
-        raise EexitValueError(
-            f"{name}: expected shape [{n}] (one {what} per sample), got {tuple(x.shape)}. "
-            "Fix: pass as many entries as there are samples, in the same order."
-        )
-    if n == 0:
-        raise EexitValueError(f"{name}: expected at least one sample, got none. Fix: pass a non-empty split.")
-    lo, hi = int(x.min()), int(x.max())
-    if lo < 0 or hi >= upper:
-        raise EexitValueError(
-            f"{name}: expected every {what} in [0, {upper}), got values in [{lo}, {hi}]. "
-            f"Fix: use 0-based {what}s and check the number of classes/exits."
-        )
-    return x
-
-
-def _check_alpha(alpha: float) -> float:
-    if not isinstance(alpha, (int, float)) or not 0.0 < float(alpha) < 1.0:
-        raise EexitValueError(
-            f"alpha: expected a miscoverage level strictly between 0 and 1, got {alpha!r}. "
-            "Fix: pass e.g. alpha=0.05 for 95% coverage."
-        )
-    return float(alpha)
-
-
-def _as_float_vector(x: Tensor | Sequence[float], name: str) -> Tensor:
-    """Non-empty, finite, 1-D float64 tensor (accepts a Python sequence)."""
-    try:
-        v = torch.as_tensor(x, dtype=torch.float64)
-    except (TypeError, ValueError, RuntimeError) as err:
-        raise EexitTypeError(
-            f"{name}: expected a 1-D sequence or tensor of numbers, got {type(x).__name__} "
-            f"({err}). Fix: pass a list of floats or a 1-D tensor."
-        ) from err
-    if v.ndim != 1 or v.numel() == 0:
-        raise EexitValueError(
-            f"{name}: expected a non-empty 1-D sequence, got shape {tuple(v.shape)}. "
-            "Fix: pass one value per exit / operating point."
-        )
-    if not bool(torch.isfinite(v).all()):
-        raise EexitValueError(f"{name}: expected finite values, got {v.tolist()}. Fix: drop NaN/inf entries.")
-    return v
 
 
 def accuracy(logits: Tensor, labels: Tensor) -> float:
@@ -333,120 +258,3 @@ def expected_calibration_error(logits: Tensor, labels: Tensor, n_bins: int = 15,
     used = bins.count > 0  # [M]; empty bins carry NaN and weight 0
     weight = bins.count[used].double() / bins.count.sum()  # [M']
     return float((weight * (bins.accuracy[used] - bins.confidence[used]).abs()).sum())
-
-
-def conformal_quantile(scores: Tensor, alpha: float) -> float:
-    """Split-conformal quantile of calibration scores: the k-th smallest score, k = ⌈(n+1)(1−α)⌉.
-
-    This is the empirical quantile at level k/n with "higher" interpolation in the inverse-CDF sense (the
-    smallest observed score s with #{scores ≤ s} ≥ k), which gives, for exchangeable data, coverage
-    P(s_new ≤ q̂) ≥ 1 − α, and ≤ 1 − α + 1/(n+1) when scores have no ties. Note: ``numpy.quantile(scores, k/n,
-    method="higher")`` (used by the JEI-DNN code) interpolates on the index (n−1)·k/n and returns the
-    (k+1)-th smallest for k < n, one rank more conservative than needed.
-
-    When n is too small for the level (k > n, i.e. n < 1/α − 1), no finite quantile is valid: returns +inf,
-    so every prediction set holds all classes. A 1e-9 slack before the ceiling keeps float round-off (e.g.
-    150 · (1 − 0.18) = 123.00000000000001) from adding a rank.
-
-    Args:
-        scores: [n] non-conformity scores of the calibration samples (here s = 1 − p̂_y).
-        alpha: miscoverage level in (0, 1).
-    """
-    scores = _check_tensor(scores, "scores")
-    alpha = _check_alpha(alpha)
-    if scores.ndim != 1 or scores.numel() == 0:
-        raise EexitValueError(
-            f"scores: expected a non-empty 1-D tensor, got shape {tuple(scores.shape)}. "
-            "Fix: pass one score per calibration sample."
-        )
-    if bool(torch.isnan(scores).any()):
-        raise EexitValueError("scores: expected no NaN, got some. Fix: check the probabilities they come from.")
-    n = scores.numel()
-    k = math.ceil((n + 1) * (1.0 - alpha) - 1e-9)
-    if k > n:
-        return math.inf
-    return float(torch.kthvalue(scores.double(), k).values)
-
-
-def conformal_calibrate(
-    all_exit_logits: Tensor, labels: Tensor, exit_index: Tensor, alpha: float, min_samples: int = 20
-) -> Tensor:
-    """Per-exit split-conformal quantiles q̂_l from a held-out calibration split.
-
-    The score is s = 1 − p̂_y with p̂ the softmax of exit l's logits. q̂_l uses the calibration samples that
-    exited at l; when min_samples or fewer did (JEI-DNN's rule, reference/jei-dnn.md §5.2), it falls back to
-    the scores of ALL calibration samples at IM l, which keeps a usable quantile for rarely used exits at the
-    price of the per-exit (conditional) guarantee there. Calibrate with the final model on un-augmented data.
-
-    Args:
-        all_exit_logits: [E, N, C] logits of every exit on the calibration split (pass log-probabilities if
-            you only have probabilities: their softmax gives the probabilities back).
-        labels: [N] integer labels.
-        exit_index: [N] 0-based exit each calibration sample took under the policy being evaluated.
-        alpha: miscoverage level in (0, 1).
-        min_samples: fall back to all samples at an exit where at most this many exited.
-
-    Returns:
-        [E] float64 quantiles (+inf where the sample count is too small for the level; see
-        :func:`conformal_quantile`).
-    """
-    logits = _check_logits(all_exit_logits, "all_exit_logits", 3)
-    e, n, c = logits.shape
-    labels = _check_index(labels, "labels", n, c, "label").to(logits.device)
-    exit_index = _check_index(exit_index, "exit_index", n, e, "exit").to(logits.device)
-    alpha = _check_alpha(alpha)
-    if isinstance(min_samples, bool) or not isinstance(min_samples, int) or min_samples < 0:
-        raise EexitValueError(f"min_samples: expected an int >= 0, got {min_samples!r}. Fix: use the default 20.")
-    probs = logits.double().softmax(dim=2)  # [E, N, C]
-    scores = 1.0 - probs.gather(2, labels.view(1, n, 1).expand(e, n, 1)).squeeze(2)  # [E, N]
-    qhat = torch.empty(e, dtype=torch.float64)
-    for exit_ in range(e):
-        here = exit_index == exit_  # [N]
-        pool = scores[exit_, here] if int(here.sum()) > min_samples else scores[exit_]  # [n_l] or [N]
-        qhat[exit_] = conformal_quantile(pool, alpha)
-    return qhat.to(logits.device)
-
-
-def conformal_sets(logits: Tensor, exit_index: Tensor, qhat: Tensor) -> Tensor:
-    """Prediction sets {k : p̂_k ≥ 1 − q̂_l} from the logits of the exit each sample took.
-
-    Compared in score space (1 − p̂_k ≤ q̂_l), exactly as the scores were computed at calibration, so a class
-    whose probability equals a calibration sample's p̂_y is not lost to round-off. q̂_l = +inf gives all
-    classes.
-
-    Args:
-        logits: [N, C] logits of the exit each sample took.
-        exit_index: [N] 0-based exit each sample took.
-        qhat: [E] per-exit quantiles from :func:`conformal_calibrate`.
-
-    Returns:
-        [N, C] boolean mask of the classes in each sample's set.
-    """
-    logits = _check_logits(logits, "logits", 2)
-    qhat = _check_tensor(qhat, "qhat")
-    if qhat.ndim != 1 or qhat.numel() == 0 or bool(torch.isnan(qhat).any()):
-        raise EexitValueError(
-            f"qhat: expected a non-empty 1-D tensor without NaN (one quantile per exit), "
-            f"got shape {tuple(qhat.shape)}. Fix: pass the output of conformal_calibrate."
-        )
-    exit_index = _check_index(exit_index, "exit_index", logits.shape[0], qhat.numel(), "exit")
-    scores = 1.0 - logits.double().softmax(dim=1)  # [N, C]
-    limit = qhat.double().to(logits.device)[exit_index.to(logits.device)]  # [N]
-    return scores <= limit.unsqueeze(1)  # [N, C]
-
-
-def conformal_coverage_and_size(sets: Tensor, labels: Tensor) -> tuple[float, float]:
-    """Empirical coverage (fraction of sets holding the label; miscoverage α̂ = 1 − it) and mean set size.
-
-    Args:
-        sets: [N, C] boolean prediction-set mask.
-        labels: [N] integer labels in [0, C).
-    """
-    sets = _check_tensor(sets, "sets")
-    if sets.dtype != torch.bool:
-        raise EexitTypeError(f"sets: expected a bool mask, got {sets.dtype}. Fix: pass conformal_sets(...).")
-    if sets.ndim != 2 or sets.numel() == 0:
-        raise EexitValueError(f"sets: expected a non-empty [N, C] mask, got shape {tuple(sets.shape)}.")
-    labels = _check_index(labels, "labels", sets.shape[0], sets.shape[1], "label").to(sets.device)
-    covered = sets.gather(1, labels.unsqueeze(1)).squeeze(1).double()  # [N]
-    return covered.mean().item(), sets.sum(dim=1).double().mean().item()

@@ -1,140 +1,60 @@
-"""EarlyExitModel: a backbone with exits hooked on, and its two forwards.
+"""EarlyExitModel: a backbone with exits attached, and its two forwards.
 
-* Early exit (default): at each exit point the hook runs the IM and gate on the samples still running, records
-  those that stop, and hands the next block only the rest; when none remain, the backbone stops. Outputs come
-  back in input order with each sample's exit index and cost.
+* Early exit (default): at each exit the IM and gate run on the samples still running, those that stop are
+  recorded, and only the rest go on; when none remain, the backbone stops. Outputs come back in input order
+  with each sample's exit index and cost.
 * All exits (training and analysis): the backbone runs once on the whole batch; every exit's logits and gate
   logits are returned.
 
-Per-call state lives in a ContextVar set for the duration of one call, never on the modules: the hooks do
-nothing for a call that is not an eexit call (the backbone then behaves exactly as before), and two threads
-never see each other's features.
+One model class serves every backbone. How the backbone is run is its *driver*'s job: :class:`~eexit.hooked.
+HookedDriver` (forward hooks on the blocks of a timm or transformers model) or :class:`~eexit.staged.StagedDriver`
+(the stages of a model that has exits of its own). What happens at each exit is the job of the sinks in
+:mod:`eexit.recorder`, which both drivers feed; so early exit is written once.
 """
 
 from __future__ import annotations
 
-import contextvars
 import dataclasses
-import enum
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-from .backbones.base import BackboneSpec
+from .adapters import AdapterRecord, AdapterSet
+from .backbones.base import BackboneSpec, StagedSpec
 from .config import ExitConfig, FitConfig
 from .cost import CostTable
-from .errors import BackboneError, EexitTypeError, EexitValueError
-from .gates import ExitHistory, Gate, exit_probabilities
-from .heads import ExitHead
-from .inference import ExitPolicy, ExitState, GatePolicy
+from .errors import EexitTypeError, EexitValueError
+from .gates import ExitHistory, Gate
+from .hooked import HookedDriver
+from .inference import ExitPolicy, GatePolicy
+from .outputs import AllExitsOutput, EarlyExitOutput
+from .recorder import ExitCollector, ExitRecorder, FeatureSink
+from .staged import StagedDriver
 
-__all__ = ["AllExitsOutput", "EarlyExitModel", "EarlyExitOutput"]
+__all__ = ["AllExitsOutput", "EarlyExitModel", "EarlyExitOutput", "make_driver"]
 
-
-@dataclass
-class EarlyExitOutput:
-    """Result of an early-exit forward, in input order.
-
-    Attributes:
-        logits: the prediction of the exit each sample took, ``[B, C]``.
-        exit_index: 0-based exit each sample took, ``[B]`` (E-1 is the last exit).
-        cost: FLOPs each sample used, from the cost table, ``[B]`` (float64).
-    """
-
-    logits: torch.Tensor
-    exit_index: torch.Tensor
-    cost: torch.Tensor
-
-    @property
-    def gflops(self) -> torch.Tensor:
-        return self.cost / 1e9
+Driver = HookedDriver | StagedDriver
 
 
-@dataclass
-class AllExitsOutput:
-    """Every exit's output on every sample.
-
-    Attributes:
-        logits: ``[E, B, C]``, the last row from the backbone's own head when it has one.
-        gate_logits: pre-sigmoid gate outputs of the E-1 intermediate exits, ``[E-1, B]``.
-        gates: the gate kind (``ExitConfig.gates``), which says how gate values make exit probabilities.
-    """
-
-    logits: torch.Tensor
-    gate_logits: torch.Tensor
-    gates: str = "hazard"
-
-    @property
-    def gate_values(self) -> torch.Tensor:
-        return torch.sigmoid(self.gate_logits)  # [E-1, B]
-
-    @property
-    def exit_probs(self) -> torch.Tensor:
-        """P(G=l|x) under the gates' exit-probability model, ``[E, B]``."""
-        return exit_probabilities(self.gate_values, self.gates)
-
-
-class _AllExited(Exception):
-    """Raised inside a hook to stop the backbone once no sample is left running."""
-
-
-class RunMode(enum.Enum):
-    """What one call of the backbone is for: real early exit, every exit's outputs, or the exits' features."""
-
-    EARLY = "early"
-    ALL = "all"
-    FEATURES = "features"
-
-
-@dataclass
-class _Run:
-    """State of one eexit call, visible to the hooks through ``_RUN``."""
-
-    owner: EarlyExitModel
-    mode: RunMode
-    batch: int = 0  # input batch size (in early mode the running batch is state.positions)
-    state: ExitState | None = None
-    policy: ExitPolicy | None = None
-    logits: list[torch.Tensor] = field(default_factory=list)
-    gate_logits: list[torch.Tensor] = field(default_factory=list)
-    history: ExitHistory | None = None  # all-exits mode, for gates that read earlier exits
-    features: list[torch.Tensor] = field(default_factory=list)
-    out_logits: torch.Tensor | None = None
-    out_exit: torch.Tensor | None = None
-    on_exit: Callable[[], None] | None = None
-
-
-def _record_exits(
-    out_logits: torch.Tensor, out_exit: torch.Tensor, state: ExitState, k: int, logits: torch.Tensor, stop: torch.Tensor
-) -> tuple[bool, torch.Tensor | None]:
-    """Write the stopping samples' logits and exit index ``k`` into the input-ordered outputs.
-
-    Shared by the hooked and the staged early-exit forwards; reads the device once per exit.
-
-    Returns:
-        ``(all_stopped, keep)``: ``keep`` holds the running-batch positions of the samples that go on, or is
-        ``None`` when none stopped here (the batch needs no shrinking).
-    """
-    rows = state.positions[stop]
-    out_logits[rows] = logits[stop].to(out_logits.dtype)
-    out_exit[rows] = k
-    stopped = int(stop.sum())
-    if stopped == stop.numel():
-        return True, None
-    return False, ((~stop).nonzero().squeeze(1) if stopped else None)
-
-
-_RUN: contextvars.ContextVar[_Run | None] = contextvars.ContextVar("eexit_run", default=None)
+def make_driver(backbone: nn.Module, spec: BackboneSpec, exit_blocks: list[int], config: ExitConfig) -> Driver:
+    """The driver that runs ``backbone`` as ``spec`` describes it: its stages for a :class:`StagedSpec`, hooks
+    otherwise. Refuses an exit placement or configuration the backbone cannot take, before anything is changed."""
+    if isinstance(spec, StagedSpec):
+        return StagedDriver(backbone, spec, exit_blocks, config)
+    return HookedDriver(backbone, spec, exit_blocks)
 
 
 class EarlyExitModel(nn.Module):
-    """A backbone with IMs and gates attached through forward hooks. Build it with :func:`eexit.attach`.
+    """A backbone with IMs and gates attached. Build it with :func:`eexit.attach`.
 
     Calling it runs real early exit and returns an :class:`EarlyExitOutput`; ``all_exits=True`` returns an
-    :class:`AllExitsOutput`. The backbone module is used in place, never copied or edited.
+    :class:`AllExitsOutput`. The backbone module is used in place, never copied or edited. The model is in eval
+    mode after attach (:func:`eexit.fit` switches modes itself).
+
+    For a staged backbone (the Dynamic Perceiver) ``heads[k]`` is a trainable copy of the model's own exit
+    classifier k and the last exit is its final classifier; everything else works the same.
     """
 
     #: Marks models whose ``.backbone`` is the user's model (read by the fingerprint, which cannot import this).
@@ -147,6 +67,7 @@ class EarlyExitModel(nn.Module):
         exit_blocks: list[int],
         num_classes: int,
         config: ExitConfig,
+        driver: Driver | None = None,
     ) -> None:
         super().__init__()
         self.backbone = backbone
@@ -154,12 +75,9 @@ class EarlyExitModel(nn.Module):
         self.config = config
         self.num_classes = num_classes
         self.exit_blocks = list(exit_blocks)
-        self.has_backbone_head = spec.num_classes(backbone) is not None
-        # Per-exit widths: hierarchical backbones (Swin) widen from stage to stage.
-        self.heads = nn.ModuleList(
-            ExitHead(spec.exit_width(backbone, b), num_classes, config.head, config.head_hidden)
-            for b in self.exit_blocks
-        )
+        self.driver = driver if driver is not None else make_driver(backbone, spec, self.exit_blocks, config)
+        self.has_backbone_head = self.driver.has_head
+        self.heads = self.driver.build_heads(num_classes, config)
         self.gates = nn.ModuleList(Gate(config.gate_features) for _ in range(self.num_exits - 1))
         # Only gates that read earlier exits pay for carrying their history through the forward.
         self.uses_history = any(gate.uses_history for gate in self.gates)
@@ -168,11 +86,14 @@ class EarlyExitModel(nn.Module):
         self.history: list[dict[str, float]] = []
         self.backbone_trainable = False
         self.evaluation: dict[str, Any] | None = None
-        # Named adapters: the tensors and training record of every adapter but the active one.
-        self.active_adapter = "default"
-        self._stored_adapters: dict[str, dict[str, Any]] = {}
-        self._handles: list[Any] = []
+        # Named adapters: the active one's name and the records of every other one.
+        self.adapters = AdapterSet()
         self._restore: Callable[[], None] | None = None
+        # Inference-ready, like the model it wraps: a dropout inside a copied head must not fire at inference.
+        # The backbone's modes are install()'s to record and change.
+        self.training = False
+        self.heads.eval()
+        self.gates.eval()
 
     # ------------------------------------------------------------------ structure
     @property
@@ -182,8 +103,16 @@ class EarlyExitModel(nn.Module):
 
     @property
     def exit_names(self) -> list[str]:
-        names = [self.spec.blocks(self.backbone)[b][0] for b in self.exit_blocks]
-        return names + (["<backbone head>"] if self.has_backbone_head else [])
+        """A name per exit: the block (or the model's own classifier) it reads."""
+        return self.driver.exit_names()
+
+    def exit_classifier_state_dict(self) -> dict[str, torch.Tensor]:
+        """Staged backbones: the IMs' tensors under the backbone's own names (``early_classifier3.weight``, ...).
+
+        After :meth:`detach`, ``model.load_state_dict(sd, strict=False)`` writes the fine-tuned exits into the
+        standalone model (e.g. to use its own confidence-threshold policy); eexit itself never does.
+        """
+        return self.driver.exit_classifier_state_dict(self.heads)
 
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
         """The adapter's tensors only (IMs and gates), under stable names ``heads.{l}.*`` / ``gates.{l}.*``."""
@@ -215,52 +144,60 @@ class EarlyExitModel(nn.Module):
 
     # ------------------------------------------------------------------ named adapters
     @property
+    def active_adapter(self) -> str:
+        """The name of the adapter live in the heads and gates."""
+        return self.adapters.active
+
+    @property
     def adapter_names(self) -> list[str]:
         """Names of the adapters this model holds (the active one included)."""
-        return sorted({self.active_adapter, *self._stored_adapters})
+        return self.adapters.names
 
-    def _adapter_record(self) -> dict[str, Any]:
-        return {
-            "state": self.adapter_state_dict(),
-            "fit_config": self.fit_config,
-            "history": list(self.history),
-            "evaluation": self.evaluation,
-            "threshold": self.config.threshold,
-        }
+    def adapter_record(self, name: str | None = None) -> AdapterRecord:
+        """A snapshot of the adapter called ``name`` (default: the active one): what saving it writes."""
+        if name is None or name == self.adapters.active:
+            return AdapterRecord(
+                state=self.adapter_state_dict(),
+                fit_config=self.fit_config,
+                history=list(self.history),
+                evaluation=self.evaluation,
+                threshold=self.config.threshold,
+            )
+        return self.adapters.stored(name)
 
-    def add_adapter(self, name: str, record: dict[str, Any] | None = None) -> None:
+    def add_adapter(self, name: str, record: AdapterRecord | dict[str, Any] | None = None) -> None:
         """Store an adapter under ``name`` without activating it.
 
         Args:
-            name: a new adapter name.
-            record: ``{"state": tensors, "fit_config": ..., "history": ..., "evaluation": ...}``; default: a
-                copy of the active adapter (so that, e.g., the next :func:`eexit.fit` can start from it).
+            name: a new adapter name; it must be usable as a folder name (``save_pretrained`` writes every adapter
+                but ``"default"`` to a subfolder of its name), so ``..`` or ``a/b`` are refused here.
+            record: an :class:`~eexit.adapters.AdapterRecord` (or its dict form ``{"state": tensors,
+                "fit_config": ..., ...}``); default: a copy of the active adapter (so that, e.g., the next
+                :func:`eexit.fit` can start from it).
         """
-        if not isinstance(name, str) or not name:
-            raise EexitValueError(f"an adapter name must be a non-empty string, got {name!r}.")
-        if name in self.adapter_names:
-            raise EexitValueError(f"an adapter named {name!r} exists already; names here: {self.adapter_names}.")
-        record = record if record is not None else self._adapter_record()
+        self.adapters.check_new(name)
+        record = AdapterRecord.coerce(record) if record is not None else self.adapter_record()
         own = self.adapter_state_dict()
-        self.load_adapter_state_dict(record["state"])  # validates names and shapes before storing
+        self.load_adapter_state_dict(record.state)  # validates names and shapes before storing
         self.load_adapter_state_dict(own)
-        self._stored_adapters[name] = record
+        self.adapters.store(name, record)
 
     def set_adapter(self, name: str) -> None:
         """Make the adapter called ``name`` active: its IM and gate tensors go into the heads and gates, and its
         gate threshold (``config.threshold``, which each adapter keeps) becomes the model's."""
-        if name == self.active_adapter:
+        if name == self.adapters.active:
             return
-        if name not in self._stored_adapters:
-            raise EexitValueError(f"no adapter named {name!r}; this model holds {self.adapter_names}.")
-        record = self._stored_adapters.pop(name)
-        self._stored_adapters[self.active_adapter] = self._adapter_record()
-        self.load_adapter_state_dict(record["state"])
-        self.fit_config, self.history = record.get("fit_config"), list(record.get("history") or [])
-        self.evaluation = record.get("evaluation")
-        if record.get("threshold") is not None:
-            self.config = dataclasses.replace(self.config, threshold=float(record["threshold"]))
-        self.active_adapter = name
+        record = self.adapters.swap(name, self.adapter_record())
+        self.activate(record)
+
+    def activate(self, record: AdapterRecord) -> None:
+        """Put ``record`` live in the heads and gates (strictly), with its training record and threshold; the
+        active adapter's name is unchanged."""
+        self.load_adapter_state_dict(record.state)
+        self.fit_config, self.history = record.fit_config, list(record.history)
+        self.evaluation = record.evaluation
+        if record.threshold is not None:
+            self.config = dataclasses.replace(self.config, threshold=float(record.threshold))
 
     # ------------------------------------------------------------------ files and the Hub
     def save_pretrained(self, save_directory: str | Any, **kwargs: Any) -> Any:
@@ -293,6 +230,40 @@ class EarlyExitModel(nn.Module):
         self.backbone.train(mode and self.backbone_trainable)
         return self
 
+    def install(self, on_detach: Callable[[], None] | None = None) -> None:
+        """Take the backbone over: freeze it, put it in eval mode and install the driver (its hooks, if any).
+
+        Every flag and mode changed is recorded, and :meth:`detach` puts them back. :func:`eexit.attach` calls
+        this once, after the model was built (so a configuration the driver refuses changes nothing).
+
+        Args:
+            on_detach: called by :meth:`detach` once the backbone is restored.
+        """
+        if self._restore is not None:
+            raise EexitValueError("these exits are installed already.")
+        model = self.backbone
+        grad_flags = [(p, p.requires_grad) for p in model.parameters()]
+        modes = [(m, m.training) for m in model.modules()]
+        for p, _ in grad_flags:
+            p.requires_grad_(False)
+        model.eval()
+        param = next(model.parameters(), None)
+        if param is not None:
+            self.heads.to(device=param.device, dtype=param.dtype)
+            self.gates.to(device=param.device, dtype=param.dtype)
+        self.driver.install()
+
+        def restore() -> None:
+            self.driver.remove()
+            for p, flag in grad_flags:
+                p.requires_grad_(flag)
+            for m, mode in modes:
+                m.training = mode
+            if on_detach is not None:
+                on_detach()
+
+        self._restore = restore
+
     def detach(self) -> nn.Module:
         """Remove the exits and restore the backbone exactly as it was; returns the backbone.
 
@@ -319,79 +290,21 @@ class EarlyExitModel(nn.Module):
             )
         return policy
 
-    # ------------------------------------------------------------------ hooks
-    def _exit_step(
-        self, k: int, features: torch.Tensor, history: ExitHistory | None = None
+    # ------------------------------------------------------------------ one exit
+    def exit_output(
+        self, k: int, feature: torch.Tensor, earlier: list[torch.Tensor], history: ExitHistory | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """IM k and, for an intermediate exit, gate k on pooled features ``[b, D]`` (and the earlier exits)."""
-        logits = self.heads[k](features)  # [b, C]
+        """Exit k's logits ``[b, C]`` and, at an intermediate exit, its gate logit ``[b]`` (else ``None``).
+
+        Args:
+            k: the exit.
+            feature: its features ``[b, D_k]`` (what :meth:`exit_features` returns for it).
+            earlier: exits 0..k-1's logits of the same samples (read only by staged backbones' classifiers).
+            history: the gates' view of the earlier exits (``None`` when the gates do not read it).
+        """
+        logits = self.driver.classify(self.heads, k, feature, earlier)  # [b, C]
         gate_logit = self.gates[k](logits, history) if k < self.num_exits - 1 else None  # [b]
         return logits, gate_logit
-
-    def _make_hook(self, k: int) -> Callable[..., Any]:
-        is_final_im = not self.has_backbone_head and k == len(self.exit_blocks) - 1
-        block = self.exit_blocks[k]
-
-        def hook(module: nn.Module, args: Any, output: Any) -> Any:
-            run = _RUN.get()
-            if run is None or run.owner is not self:
-                return None  # not an eexit call: leave the backbone untouched
-            features = self.spec.pool_at(self.backbone, self.spec.hidden(output), block)  # [b, D_k]
-            batch = run.state.positions.shape[0] if run.state is not None else run.batch
-            self._check_features(k, features, batch)
-            if run.mode is RunMode.FEATURES:
-                run.features.append(features)
-                if is_final_im:
-                    raise _AllExited
-                return None
-            history = run.state.history if run.state is not None else run.history
-            logits, gate_logit = self._exit_step(k, features, history)
-            if run.mode is RunMode.ALL:
-                if run.history is not None:
-                    run.history = run.history.after(logits)
-                run.logits.append(logits)
-                if gate_logit is not None:
-                    run.gate_logits.append(gate_logit)
-                if run.on_exit is not None:
-                    run.on_exit()
-                if is_final_im:
-                    raise _AllExited
-                return None
-            return self._early_step(run, k, output, logits, gate_logit, is_final_im)
-
-        return hook
-
-    def _check_features(self, k: int, features: torch.Tensor, batch: int) -> None:
-        # Cheap, and it runs during attach's cost measurement: a spec that pools wrongly, or a block that does not
-        # keep the batch on dim 0 (so the batch cannot shrink there), fails here with a message, not in a matmul.
-        width = self.heads[k].width
-        if features.dim() != 2 or features.shape[0] != batch or features.shape[1] != width:
-            raise BackboneError(
-                f"exit {k} ({self.exit_names[k]}): spec {self.spec.name!r} pooled features of shape "
-                f"{tuple(features.shape)}, expected [{batch}, {width}] (batch, width). Either its blocks do not keep "
-                "the batch on dim 0 (eexit shrinks the batch there, so it cannot exit early inside such a model), "
-                "or the spec pools this backbone wrongly; describe it with eexit.GenericSpec(..., pool=callable)."
-            )
-
-    def _early_step(
-        self, run: _Run, k: int, output: Any, logits: torch.Tensor, gate_logit: torch.Tensor | None, final: bool
-    ) -> Any:
-        state = run.state
-        assert state is not None and run.policy is not None  # set by forward()
-        if final:
-            stop = torch.ones_like(state.positions, dtype=torch.bool)
-        else:
-            stop = run.policy(k, logits, gate_logit, state)  # [b]
-        if run.out_logits is None:
-            run.out_logits = logits.new_zeros(run.out_exit.shape[0], logits.shape[-1])  # type: ignore[union-attr]
-        done, keep = _record_exits(run.out_logits, run.out_exit, state, k, logits, stop)  # type: ignore[arg-type]
-        if done:
-            raise _AllExited
-        state.advance(gate_logit, logits)
-        if keep is None:
-            return None  # nobody stopped here: hand the block's output on unchanged
-        state.keep(keep)
-        return self.spec.shrink(output, keep)
 
     def _costs_of(self, exit_index: torch.Tensor) -> torch.Tensor:
         """FLOPs each sample spent, from the cost table, ``[B]`` float64."""
@@ -402,6 +315,8 @@ class EarlyExitModel(nn.Module):
 
     # ------------------------------------------------------------------ forwards
     def _check_input(self, pixel_values: Any) -> torch.Tensor:
+        if self._restore is None and self.cost_table is not None:
+            raise EexitValueError("these exits were detached from the backbone; attach again with eexit.attach(model).")
         if not isinstance(pixel_values, torch.Tensor):
             raise EexitTypeError(f"expected images as a torch.Tensor [B, C, H, W], got {type(pixel_values).__name__}.")
         if pixel_values.dim() != 4:
@@ -427,57 +342,49 @@ class EarlyExitModel(nn.Module):
                 f"expected images of shape [B, {', '.join(map(str, shown))}], got {tuple(pixel_values.shape)}; "
                 "resize or crop them to the backbone's input size."
             )
+        self.driver.check_input(pixel_values, self.cost_table.input_shape if self.cost_table is not None else None)
         return pixel_values
 
-    def _call_backbone(self, run: _Run, pixel_values: torch.Tensor) -> torch.Tensor | None:
-        token = _RUN.set(run)
-        try:
-            return self.spec.logits(self.spec.call(self.backbone, pixel_values))
-        except _AllExited:
-            return None
-        finally:
-            _RUN.reset(token)
+    def run_all_exits(self, pixel_values: torch.Tensor, on_exit: Callable[[], None] | None = None) -> AllExitsOutput:
+        """Every exit's outputs on the whole batch (what ``ee(x, all_exits=True)`` returns, without its checks).
 
-    def _run_all_exits(self, pixel_values: torch.Tensor, on_exit: Callable[[], None] | None = None) -> AllExitsOutput:
-        run = _Run(owner=self, mode=RunMode.ALL, batch=pixel_values.shape[0], on_exit=on_exit)
-        run.history = ExitHistory() if self.uses_history else None
-        final = self._call_backbone(run, pixel_values)
-        logits = run.logits + ([final] if self.has_backbone_head and final is not None else [])
-        gate_logits = torch.stack(run.gate_logits) if run.gate_logits else logits[0].new_zeros(0, logits[0].shape[0])
-        return AllExitsOutput(logits=torch.stack(logits), gate_logits=gate_logits, gates=self.config.gates)
+        Args:
+            pixel_values: images ``[B, C, H, W]``.
+            on_exit: called after each exit (the cost table reads its FLOP counter there).
+        """
+        collector = ExitCollector(
+            self.exit_output, self.num_exits, pixel_values.shape[0], self.config.gates, self.uses_history, on_exit
+        )
+        final = self.driver.run(pixel_values, collector)
+        return collector.output(final if self.has_backbone_head else None)
 
     def exit_features(self, pixel_values: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor | None]:
-        """Pooled features at every IM exit and the backbone head's logits (``None`` without a head).
+        """Pooled features at every exit the IMs read, and the backbone head's logits (``None`` without a head,
+        and for staged backbones, whose last exit reads a feature too).
 
         With a frozen backbone these are all the heads and gates need, so :func:`eexit.fit` caches them.
         """
         pixel_values = self._check_input(pixel_values)
-        run = _Run(owner=self, mode=RunMode.FEATURES, batch=pixel_values.shape[0])
-        final = self._call_backbone(run, pixel_values)
-        return run.features, (final if self.has_backbone_head else None)
+        widths = self.driver.feature_widths()
+        # Without a head the backbone can stop after the last IM; with one, it must run to its end.
+        sink = FeatureSink(pixel_values.shape[0], None if self.has_backbone_head else len(widths) - 1)
+        final = self.driver.run(pixel_values, sink)
+        return sink.features, final
 
     def feature_layout(self) -> tuple[list[int], bool]:
         """What :meth:`exit_features` returns per sample: the width of each feature, and whether head logits come too.
 
         A feature cache fits this model only if it has this layout (checked before training on one).
         """
-        return [head.width for head in self.heads], self.has_backbone_head
+        widths = self.driver.feature_widths()
+        return widths, self.has_backbone_head and len(widths) < self.num_exits
 
     def outputs_from_features(self, features: list[torch.Tensor], final_logits: torch.Tensor | None) -> AllExitsOutput:
         """All-exit outputs computed from cached :meth:`exit_features` (same result as ``all_exits=True``)."""
-        logits, gate_logits = [], []
-        history = ExitHistory() if self.uses_history else None
-        for k, feats in enumerate(features):
-            im_logits, gate_logit = self._exit_step(k, feats, history)
-            if history is not None:
-                history = history.after(im_logits)
-            logits.append(im_logits)
-            if gate_logit is not None:
-                gate_logits.append(gate_logit)
-        if final_logits is not None:
-            logits.append(final_logits)
-        gates = torch.stack(gate_logits) if gate_logits else logits[0].new_zeros(0, logits[0].shape[0])
-        return AllExitsOutput(logits=torch.stack(logits), gate_logits=gates, gates=self.config.gates)
+        collector = ExitCollector(self.exit_output, self.num_exits, 0, self.config.gates, self.uses_history)
+        for k, feature in enumerate(features):
+            collector.add(k, feature)
+        return collector.output(final_logits)
 
     def forward(
         self, pixel_values: torch.Tensor, *, all_exits: bool = False, policy: ExitPolicy | None = None
@@ -491,21 +398,18 @@ class EarlyExitModel(nn.Module):
         """
         pixel_values = self._check_input(pixel_values)
         if all_exits:
-            return self._run_all_exits(pixel_values)
-        batch, device = pixel_values.shape[0], pixel_values.device
-        run = _Run(
-            owner=self,
-            mode=RunMode.EARLY,
-            state=ExitState.start(batch, device, with_history=self.uses_history),
-            policy=self._check_policy(policy),
+            return self.run_all_exits(pixel_values)
+        recorder = ExitRecorder(
+            self.exit_output,
+            self.num_exits,
+            pixel_values.shape[0],
+            pixel_values.device,
+            self._check_policy(policy),
+            with_history=self.uses_history,
+            keep_earlier=self.driver.reads_earlier_exits,
         )
-        run.out_exit = torch.full((batch,), self.num_exits - 1, dtype=torch.long, device=device)
-        final = self._call_backbone(run, pixel_values)
-        if final is not None:
-            if run.out_logits is None:
-                run.out_logits = final.new_zeros(batch, final.shape[-1])
-            run.out_logits[run.state.positions] = final.to(run.out_logits.dtype)  # type: ignore[union-attr]
-        return EarlyExitOutput(logits=run.out_logits, exit_index=run.out_exit, cost=self._costs_of(run.out_exit))
+        logits, exit_index = recorder.finish(self.driver.run(pixel_values, recorder))
+        return EarlyExitOutput(logits=logits, exit_index=exit_index, cost=self._costs_of(exit_index))
 
     def extra_repr(self) -> str:
         return f"num_exits={self.num_exits}, exit_blocks={self.exit_blocks}, num_classes={self.num_classes}"

@@ -68,29 +68,10 @@ class SweepResult:
         return metrics.area_under_curve(list(costs), list(accs), cost_range)
 
 
-@torch.no_grad()
 def outputs_from_cache(ee: EarlyExitModel, cache: FeatureCache, batch_size: int = 1024) -> CollectedOutputs:
-    """Every exit's logits and the gate logits from cached features: :func:`collect_outputs` without the backbone."""
-    was_training = ee.training
-    ee.eval()
-    logits, gates = [], []
-    try:
-        for feats, final, _ in cache.batches(batch_size, shuffle=False):
-            out = ee.outputs_from_features(feats, final)
-            logits.append(out.logits.float().cpu())  # [E, b, C]
-            gates.append(out.gate_logits.float().cpu())  # [E-1, b]
-    finally:
-        ee.train(was_training)
-    return CollectedOutputs(torch.cat(logits, dim=1), torch.cat(gates, dim=1), cache.labels.cpu())
-
-
-def _as_outputs(ee: EarlyExitModel, source: Any, name: str) -> CollectedOutputs:
-    if isinstance(source, CollectedOutputs):
-        return source
-    if isinstance(source, FeatureCache):
-        return outputs_from_cache(ee, source)
-    check_loader(source, name)
-    return collect_outputs(ee, source)
+    """Every exit's logits and the gate logits from cached features: ``collect_outputs(ee, cache)``, kept under
+    this name for existing code."""
+    return collect_outputs(ee, cache, batch_size=batch_size)
 
 
 def _cache(ee: EarlyExitModel, source: Any, name: str) -> FeatureCache:
@@ -176,11 +157,11 @@ def sweep_lambda(
         for lam, name in zip(values, names):
             ee.load_adapter_state_dict(initial)
             fit(ee, caches["train"], caches["val"], lam=lam, **fit_kwargs)
-            val = outputs_from_cache(ee, caches["val"])
+            val = collect_outputs(ee, caches["val"])
             val_taken = decide_exits(val.logits, val.gate_logits, policy)  # [Nv]
             point = SweepPoint(lam, name, evaluate_outputs(ee, val, val_taken, alpha=alpha))
             if "test" in caches:
-                test = outputs_from_cache(ee, caches["test"])
+                test = collect_outputs(ee, caches["test"])
                 test_taken = decide_exits(test.logits, test.gate_logits, policy)  # [Nt]
                 point.test = evaluate_outputs(ee, test, test_taken, calibration=(val, val_taken), alpha=alpha)
             ee.evaluation = (point.test or point.val).to_dict()
@@ -244,7 +225,7 @@ def budget_threshold(ee: EarlyExitModel, val_loader: Any, target_cost_fraction: 
             f"sample at the first exit) to {fractions[-1]:.4f} (every sample at the last). Pick a budget in "
             "that range."
         )
-    out = _as_outputs(ee, val_loader, "val_loader")
+    out = collect_outputs(ee, val_loader, name="val_loader")
     recorder = _Conditional(ee.default_policy())
     decide_exits(out.logits, out.gate_logits, recorder)
     values = torch.cat(recorder.values)

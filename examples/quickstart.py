@@ -54,6 +54,7 @@ def main() -> None:
     # 4. the honest report on the whole test split, with conformal sets calibrated on validation data
     report = eexit.evaluate(ee, test_loader, calibration_loader=val_loader, alpha=0.1)
     print(report.to_markdown())
+    ee.evaluation = report.to_dict()  # saved with the adapter: its model card shows it
 
     # 5. save the adapter (only the exits: a few KB) and give the backbone back unchanged
     ee.save_pretrained("outputs/quickstart-adapter")

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 import eexit
+from eexit.gates import ExitHistory, gate_statistics
 
 IMG, CLASSES = 32, 5
 _VIT = dict(img_size=IMG, patch_size=8, embed_dim=32, depth=4, num_heads=2, num_classes=CLASSES)
@@ -64,6 +65,19 @@ def _t2t() -> nn.Module:
     for module in model.modules():
         if isinstance(module, nn.Linear):
             module.reset_parameters()
+    return model
+
+
+def _dyn_perceiver() -> nn.Module:
+    import eexit.models.dynamic_perceiver  # noqa: F401  (registers dyn_perceiver_* with timm)
+
+    model = timm.create_model("dyn_perceiver_tiny", num_classes=CLASSES)
+    with torch.no_grad():  # non-trivial BatchNorm statistics, so that eval-mode BatchNorm matters
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 1.5)
+                m.weight.uniform_(0.5, 1.5)
     return model
 
 
@@ -187,6 +201,8 @@ ZOO: dict[str, Entry] = {
     ),
     "hf_auto_clip": Entry(_clip, "hf_auto"),
     "hf_auto_ijepa_model": Entry(_hf("IJepaModel", "IJepaConfig", **_HF, intermediate_size=64), "hf_auto", _HEADLESS),
+    # a model with exits of its own, run stage by stage (the staged driver); costs measured at the zoo's size
+    "dyn_perceiver": Entry(_dyn_perceiver, "dyn_perceiver", {"input_size": (3, IMG, IMG)}),
     # anything else, described by module names
     "generic": Entry(TinyTransformer, "generic", {"spec": _GENERIC, "input_size": (3, IMG, IMG)}),
 }
@@ -199,7 +215,55 @@ def spec_of(entry: Entry, model: nn.Module) -> eexit.backbones.BackboneSpec:
 
 def model_output(entry: Entry, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The model's own prediction: logits, or the last hidden state of a headless model."""
-    out = spec_of(entry, model).call(model, x)
+    spec = spec_of(entry, model)
+    out = spec.call(model, x)
     if isinstance(out, torch.Tensor):
         return out
+    if isinstance(out, tuple):  # the Dynamic Perceiver returns every exit's logits; its spec picks the final one
+        return spec.logits(out)
     return out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
+
+
+def spread_exits(ee: eexit.EarlyExitModel, x: torch.Tensor | None = None, seed: int = 0) -> None:
+    """Random IMs with centred, unsaturated logits, and gates calibrated so that about half of the samples that
+    reach each gate exit there, none near the boundary (for decision tests). The one helper of the test suite.
+
+    Logits are centred because some random backbones give features with a large common part, which would saturate
+    every softmax and tie every gate at 0.5. The IMs are set in exit order, each on the logits the earlier ones
+    now give, since a staged backbone's exits read earlier exits' logits (the Dynamic Perceiver's isc links).
+
+    Args:
+        ee: the attached model.
+        x: calibration images (default: 64 random images of the cost table's input size).
+        seed: seed of the random weights.
+    """
+    g = torch.Generator().manual_seed(seed)
+    if x is None:
+        x = torch.randn(64, *ee.cost_table.input_shape, generator=g)
+    with torch.no_grad():
+        features, final = ee.exit_features(x)
+        earlier: list[torch.Tensor] = []
+        for k, head in enumerate(ee.heads):
+            for p in head.parameters():
+                p.copy_(torch.randn(p.shape, generator=g))
+            last = [m for m in head.modules() if isinstance(m, nn.Linear)][-1]  # the layer that makes the logits
+            logits = ee.exit_output(k, features[k], earlier)[0]  # [B, C]
+            scale = 1.5 / (logits - logits.mean(0)).std().clamp(min=1e-12)
+            last.weight.mul_(scale)
+            last.bias.mul_(scale).sub_(ee.exit_output(k, features[k], earlier)[0].mean(0))
+            earlier.append(ee.exit_output(k, features[k], earlier)[0])
+        logits = ee.outputs_from_features(features, final).logits  # [E, B, C]; gates do not change logits
+        history = ExitHistory()
+        reaching = torch.ones(x.shape[0], dtype=torch.bool)
+        for k, gate in enumerate(ee.gates):
+            stats = gate_statistics(logits[k], gate.features, history)  # [B, F]
+            history = history.after(logits[k])
+            direction = torch.randn(stats.shape[1], generator=g)
+            proj = stats @ direction  # [B]
+            # centred on the samples that reach this gate, so that (hazard rule) half of them exit here
+            order = proj[reaching].sort().values if reaching.sum() >= 2 else proj.sort().values
+            centre = (order[len(order) // 2 - 1] + order[len(order) // 2]) / 2
+            scale = 4.0 / order.std().clamp(min=1e-12)
+            gate.linear.weight.copy_((direction * scale).unsqueeze(0))
+            gate.linear.bias.fill_(float(-centre * scale))
+            reaching &= proj < centre

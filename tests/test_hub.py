@@ -12,14 +12,16 @@ from pathlib import Path
 import huggingface_hub
 import pytest
 import torch
-from conftest import BACKBONES, spread_gates, tiny_timm_vit
+from backbone_zoo import ZOO, spread_exits
+from conftest import tiny_timm_vit
 from huggingface_hub import CommitInfo, CommitOperationAdd, HfApi
 from safetensors.torch import load as load_safetensors
 
 import eexit
 from eexit import hub
+from eexit.adapters import AdapterRecord
 from eexit.config import FORMAT_VERSION, FitConfig
-from eexit.errors import AdapterError
+from eexit.errors import AdapterError, EexitValueError
 
 FILES = {"eexit_config.json", "eexit_adapter.safetensors", "README.md"}
 
@@ -40,7 +42,7 @@ def trained(factory=tiny_timm_vit, seed: int = 0, **attach_kwargs) -> eexit.Earl
     """An attached model with non-trivial heads and gates and a training record."""
     torch.manual_seed(seed)
     ee = eexit.attach(factory(), **attach_kwargs)
-    spread_gates(ee, seed=seed)
+    spread_exits(ee, seed=seed)
     ee.fit_config = FitConfig(lam=0.25, epochs=2, warmup_epochs=1, progress=False)
     ee.history = [{"epoch": 0.0, "val_accuracy": 0.5, "val_cost_fraction": 0.75}, {"epoch": 1.0, "val_accuracy": 0.625}]
     ee.evaluation = {"accuracy": 0.75, "cost_fraction": 0.5, "split": "test", "exit_rate": [0.5, 0.25, 0.125, 0.125]}
@@ -75,7 +77,7 @@ def assert_untouched(model, before: tuple) -> None:
 # ------------------------------------------------------------------------------------------ local round trip
 @pytest.mark.parametrize("name", ["timm_vit_cls", "timm_vit_headless", "hf_vit_cls", "hf_vit_model"])
 def test_local_round_trip_is_exact(tmp_path, name, images):
-    factory, kwargs = BACKBONES[name]
+    factory, kwargs = ZOO[name].build, ZOO[name].attach
     ee = trained(factory, **kwargs)
     path = ee.save_pretrained(tmp_path / "ad")
     assert {p.name for p in path.iterdir()} == FILES
@@ -253,7 +255,7 @@ def folder_bytes(folder: Path, prefix: str = "") -> dict[str, bytes]:
 def test_load_by_repo_id_revision_and_subfolder_from_the_cache(tmp_path, offline_hub, images):
     a, b = trained(seed=0), trained(seed=1)
     b.backbone.load_state_dict(a.backbone.state_dict())
-    spread_gates(b, seed=7)
+    spread_exits(b, seed=7)
     pa, pb = hub.save_pretrained(a, tmp_path / "a"), hub.save_pretrained(b, tmp_path / "b")
     commits = hub_cache(
         offline_hub,
@@ -340,7 +342,7 @@ def test_named_adapters_save_in_subfolders_and_load_back(tmp_path, images):
     ee = trained()
     ee.add_adapter("budget")
     ee.set_adapter("budget")
-    spread_gates(ee, seed=3)
+    spread_exits(ee, seed=3)
     with torch.no_grad():
         budget = ee(images).logits
     ee.set_adapter("default")
@@ -359,6 +361,35 @@ def test_named_adapters_save_in_subfolders_and_load_back(tmp_path, images):
     only_sub = hub.save_pretrained(ee, tmp_path / "only-sub", selected_adapters=["budget"])
     with pytest.raises(AdapterError, match=r"subfolders \['budget'\]: pass subfolder="):
         eexit.from_pretrained(fresh_copy(ee), only_sub)
+
+
+@pytest.mark.parametrize("bad", ["..", ".", "a/b", "a\\b", "", " padded"])
+def test_adapter_names_that_cannot_be_folders_are_refused_when_given(tmp_path, bad):
+    ee = trained()
+    path = hub.save_pretrained(ee, tmp_path / "a")
+    with pytest.raises(EexitValueError, match="adapter name"):
+        ee.add_adapter(bad)
+    with pytest.raises(AdapterError, match="adapter name"):
+        ee.load_adapter(path, bad)  # refused before reading, not at the first save
+    with pytest.raises(AdapterError, match="adapter name"):
+        eexit.from_pretrained(fresh_copy(ee), path, adapter_name=bad)
+    assert ee.adapter_names == ["default"]
+
+
+def test_adapter_records_are_typed_snapshots(tmp_path):
+    ee = trained(threshold=0.4)
+    record = ee.adapter_record()
+    assert isinstance(record, AdapterRecord) and record.threshold == 0.4 and record.fit_config == ee.fit_config
+    assert record.state.keys() == ee.adapter_state_dict().keys()
+    key = next(iter(record.state))
+    record.state[key].zero_()  # a snapshot: changing it leaves the live exits alone
+    assert ee.adapter_state_dict()[key].abs().sum() > 0
+    ee.add_adapter("zeros", {"state": record.state, "threshold": 0.9})  # the dict form still works
+    assert ee.adapter_record("zeros").threshold == 0.9 and ee.adapter_record("zeros").history == []
+    with pytest.raises(EexitValueError, match="unknown adapter record fields"):
+        ee.add_adapter("typo", {"state": record.state, "treshold": 0.9})
+    with pytest.raises(EexitValueError, match="no adapter named"):
+        ee.adapter_record("missing")
 
 
 def test_each_adapter_keeps_its_own_threshold(tmp_path, images):

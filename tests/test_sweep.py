@@ -6,14 +6,15 @@ import itertools
 
 import pytest
 import torch
-from conftest import IMG, spread_gates, tiny_timm_vit
+from backbone_zoo import spread_exits
+from conftest import IMG, tiny_timm_vit
 from torch.utils.data import DataLoader, TensorDataset
 
 import eexit
 from eexit.config import FitConfig
 from eexit.data import FeatureCache
-from eexit.errors import EexitValueError
-from eexit.evaluation import evaluate_outputs
+from eexit.errors import EexitTypeError, EexitValueError
+from eexit.evaluation import collect_outputs, evaluate_outputs
 from eexit.inference import GatePolicy, decide_exits
 from eexit.objective import depth_ic
 from eexit.sweep import budget_threshold, outputs_from_cache, sweep_lambda
@@ -98,7 +99,7 @@ def _gated_model():
     torch.manual_seed(0)
     ee = eexit.attach(tiny_timm_vit())
     x = torch.randn(96, 3, IMG, IMG, generator=torch.Generator().manual_seed(3))
-    spread_gates(ee, x)
+    spread_exits(ee, x)
     cache = FeatureCache.collect(ee, [(x, torch.zeros(96, dtype=torch.long))], "val", progress=False)
     return ee, cache, x
 
@@ -160,3 +161,26 @@ def test_sweep_rejects_bad_input():
     with pytest.raises(EexitValueError, match=r"\[0, 5\)"):
         sweep_lambda(ee, [(x, torch.tensor([0, 1, 7, 2]))], val, [0.1], **FIT)
     assert ee.adapter_names == ["default"], "a refused sweep stores nothing"
+
+
+def test_collect_outputs_is_one_path_for_loaders_caches_and_collected_outputs():
+    ee, cache, x = _gated_model()
+    from_cache = collect_outputs(ee, cache, batch_size=40)  # several cache batches
+    from_loader = collect_outputs(ee, [(x[:50], cache.labels[:50]), (x[50:], cache.labels[50:])])
+    torch.testing.assert_close(from_cache.logits, from_loader.logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(from_cache.gate_logits, from_loader.gate_logits, rtol=1e-5, atol=1e-5)
+    assert torch.equal(from_cache.labels, from_loader.labels)
+    assert collect_outputs(ee, from_cache) is from_cache
+    assert outputs_from_cache(ee, cache).logits.shape == from_cache.logits.shape  # the old name still works
+    with pytest.raises(EexitValueError, match="empty"):
+        collect_outputs(ee, [])
+    with pytest.raises(EexitTypeError, match="val_loader must be a DataLoader"):
+        budget_threshold(ee, 42, 0.5)
+
+
+def test_evaluate_reports_without_changing_the_model():
+    ee, cache, x = _gated_model()
+    ee.evaluation = {"accuracy": 0.5}
+    report = eexit.evaluate(ee, [(x, cache.labels)], policy=GatePolicy(0.9))
+    assert ee.evaluation == {"accuracy": 0.5}, "evaluate must not overwrite the adapter's stored evaluation"
+    assert report.num_samples == 96 and 0.0 < report.cost_fraction <= 1.0

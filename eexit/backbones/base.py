@@ -107,7 +107,7 @@ class BackboneSpec:
 class StagedSpec(BackboneSpec):
     """A backbone run as stages, stage k ending at the model's own exit classifier k.
 
-    A subclass describes the stages; :class:`eexit.staged.StagedEarlyExitModel` runs them (no hooks installed). Its
+    A subclass describes the stages; :class:`eexit.staged.StagedDriver` runs them (no hooks installed). Its
     ``blocks`` are the exit classifiers, so ``exit_blocks`` index the model's exits; the last classifier is the
     final exit. ``pool``, ``hidden`` and ``shrink`` (per-block hooks) are not used.
     """

@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from eexit.data import FeatureCache, check_loader
 from eexit.errors import EexitTypeError, EexitValueError, TrainingError
+from eexit.evaluation import collect_outputs
 from eexit.model import EarlyExitModel
 
 __all__ = ["TrainSettings", "exit_logits", "feature_cache", "train_ims"]
@@ -89,11 +90,6 @@ def exit_logits(ee: EarlyExitModel, features: list[torch.Tensor], final: torch.T
     return ee.outputs_from_features(features, final).logits  # [E, B, C]
 
 
-@torch.no_grad()
-def _all_logits(ee: EarlyExitModel, cache: FeatureCache) -> torch.Tensor:
-    return torch.cat([exit_logits(ee, f, fin) for f, fin, _ in cache.batches(1024, shuffle=False)], dim=1)
-
-
 def make_optimizer(params: list[torch.nn.Parameter], settings: TrainSettings) -> torch.optim.Optimizer:
     if settings.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
@@ -142,7 +138,7 @@ def train_ims(
                     )
                 total, batches, count = total + loss, batches + 1, count + 1
             ee.eval()
-            val_score = score(_all_logits(ee, val), val.labels)
+            val_score = score(collect_outputs(ee, val).logits, val.labels)
             history.append({"epoch": float(epoch), "train_loss": total / max(batches, 1), "val_score": val_score})
             if val_score > best_score:
                 best_state, best_score = ee.adapter_state_dict(), val_score

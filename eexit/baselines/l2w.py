@@ -225,9 +225,7 @@ def train_l2w(
     """
     if not isinstance(ee, EarlyExitModel):
         raise EexitTypeError(f"train_l2w expects the EarlyExitModel from eexit.attach, got {type(ee).__name__}.")
-    from eexit.staged import StagedEarlyExitModel
-
-    if isinstance(ee, StagedEarlyExitModel):
+    if ee.driver.reads_earlier_exits:
         # The virtual step re-runs each IM on its own features; staged exits read earlier exits' logits.
         raise EexitValueError(
             "train_l2w needs independent exit heads, but this backbone's exits read earlier exits (e.g. the "

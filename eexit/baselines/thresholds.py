@@ -21,15 +21,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from eexit._checks import _as_float_vector, _check_index, _check_logits, _check_tensor
 from eexit.errors import EexitTypeError, EexitValueError
-from eexit.metrics import (
-    _as_float_vector,
-    _check_index,
-    _check_logits,
-    _check_tensor,
-    exit_rates,
-    expected_cost,
-)
+from eexit.metrics import exit_rates, expected_cost
 
 __all__ = [
     "SCORES",

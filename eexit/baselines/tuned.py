@@ -17,6 +17,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from eexit._checks import _as_float_vector, _check_tensor
 from eexit.baselines.thresholds import (
     _check_scores,
     apply_thresholds,
@@ -24,7 +25,6 @@ from eexit.baselines.thresholds import (
     geometric_exit_distribution,
 )
 from eexit.errors import EexitValueError
-from eexit.metrics import _as_float_vector, _check_tensor
 
 __all__ = ["DEFAULT_PRICES", "tune_thresholds", "tuned_threshold_curve"]
 

@@ -1,0 +1,88 @@
+"""An adapter's folder on disk: atomic writes that never lose the previous adapter, and reads that recover from a
+save killed mid-way. The bytes themselves are :mod:`eexit._format`'s."""
+
+from __future__ import annotations
+
+import os
+import uuid
+import warnings
+from pathlib import Path
+
+import torch
+
+from ._format import (
+    BACKUP_NAME,
+    CARD_NAME,
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    AdapterFiles,
+    SavedAdapter,
+    parse_config,
+    read_tensors,
+)
+from .errors import AdapterError
+
+__all__ = ["read_folder", "write_folder"]
+
+
+def write_folder(folder: Path, files: AdapterFiles) -> None:
+    """Write one adapter atomically: stage every file, then swap them in; the card only if there is none."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tag = uuid.uuid4().hex
+    staged = {name: folder / f".{name}.{tag}.tmp" for name in (WEIGHTS_NAME, CONFIG_NAME, CARD_NAME)}
+    tensors, config, card = folder / WEIGHTS_NAME, folder / CONFIG_NAME, folder / CARD_NAME
+    backup = folder / BACKUP_NAME
+    swapped = False
+    try:
+        for name, data in ((WEIGHTS_NAME, files.tensors), (CONFIG_NAME, files.config)):
+            _write_synced(staged[name], data)
+        # The swap: the old tensors are kept aside until the new config is in place, so at every instant the
+        # folder holds a consistent pair (the config's sha256 picks the right tensor file on load).
+        if tensors.exists():
+            os.replace(tensors, backup)
+        swapped = True
+        os.replace(staged[WEIGHTS_NAME], tensors)
+        os.replace(staged[CONFIG_NAME], config)
+        swapped = False
+        backup.unlink(missing_ok=True)
+        if not card.exists():  # a card that is there was perhaps edited by hand: never overwrite it
+            _write_synced(staged[CARD_NAME], files.card())
+            try:
+                os.link(staged[CARD_NAME], card)  # fails if a card appeared meanwhile
+            except FileExistsError:
+                pass
+            except OSError:  # no hard links on this file system
+                os.replace(staged[CARD_NAME], card)
+    finally:
+        if swapped and backup.exists():  # failed mid-swap: put the previous tensors back
+            os.replace(backup, tensors)
+        for path in staged.values():
+            path.unlink(missing_ok=True)
+
+
+def _write_synced(path: Path, data: bytes) -> None:
+    with open(path, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def read_folder(folder: Path) -> tuple[SavedAdapter, dict[str, torch.Tensor]]:
+    """Read and validate the adapter in ``folder``, recovering from a save that was killed mid-swap."""
+    saved = parse_config((folder / CONFIG_NAME).read_bytes(), str(folder / CONFIG_NAME))
+    try:
+        return saved, read_tensors(folder / WEIGHTS_NAME, saved)
+    except AdapterError as first:
+        backup = folder / BACKUP_NAME
+        if not backup.is_file():
+            raise
+        try:  # killed between swapping the tensors and the config: the previous pair is intact
+            state = read_tensors(backup, saved)
+        except AdapterError:
+            raise first from None
+        warnings.warn(
+            f"{folder}: a save was interrupted; loading the previous adapter. Save again to finish it.",
+            UserWarning,
+            stacklevel=4,
+        )
+        return saved, state
