@@ -159,6 +159,7 @@ ZOO: dict[str, Entry] = {
     # transformers families with their own spec
     "hf_vit_cls": Entry(_hf("ViTForImageClassification", "ViTConfig", **_HF, **_HF_MLP), "hf_vit"),
     "hf_vit_model": Entry(_hf("ViTModel", "ViTConfig", **_HF, intermediate_size=64), "hf_vit", _HEADLESS),
+    "hf_deit_cls": Entry(_hf("DeiTForImageClassification", "DeiTConfig", **_HF, **_HF_MLP), "hf_vit"),
     "hf_deit_teacher": Entry(_hf("DeiTForImageClassificationWithTeacher", "DeiTConfig", **_HF, **_HF_MLP), "hf_vit"),
     "hf_beit_cls": Entry(
         _hf("BeitForImageClassification", "BeitConfig", **_HF, **_HF_MLP, use_relative_position_bias=True),

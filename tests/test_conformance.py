@@ -88,6 +88,19 @@ def test_attach_detach_leaves_no_trace(name):
         assert torch.equal(model_output(entry, model, x), before)
 
 
+def _block_count(model: torch.nn.Module) -> int:
+    """How many blocks the model has, read from its own config or module lists (not from the spec)."""
+    config = getattr(model, "config", None)
+    if config is not None:  # transformers
+        vision = getattr(config, "vision_config", config)
+        depths = getattr(vision, "depths", None)
+        return sum(depths) if depths else vision.num_hidden_layers
+    layers = getattr(model, "layers", None)
+    if layers is not None and all(hasattr(stage, "blocks") for stage in layers):  # timm Swin: stages of blocks
+        return sum(len(stage.blocks) for stage in layers)
+    return len(model.blocks if hasattr(model, "blocks") else layers)
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_exit_shapes_and_last_exit(attached, name):
     entry, ee = _attached(attached, name)
@@ -97,8 +110,12 @@ def test_exit_shapes_and_last_exit(attached, name):
         features, final = ee.exit_features(x)
     num_exits = ee.num_exits
     assert num_exits == len(ee.exit_blocks) + int(ee.has_backbone_head) == len(ee.exit_names)
+    # the spec finds every block (counted independently of it; a staged model's blocks are its 4 exit classifiers)
+    blocks = 4 if isinstance(ee.spec, StagedSpec) else _block_count(ee.backbone)
+    assert len(ee.spec.blocks(ee.backbone)) == blocks
     # default placement: after every block but the last when the backbone has a head (it is the last exit)
-    assert ee.exit_blocks == list(range(len(ee.spec.blocks(ee.backbone)) - int(ee.has_backbone_head)))
+    assert ee.exit_blocks == list(range(blocks - int(ee.has_backbone_head)))
+    assert num_exits == blocks
     assert out.logits.shape == (num_exits, 3, CLASSES) and out.gate_logits.shape == (num_exits - 1, 3)
     widths, with_head_logits = ee.feature_layout()
     assert [tuple(f.shape) for f in features] == [(3, w) for w in widths]
