@@ -76,6 +76,7 @@ _OPTIONAL: dict[str, tuple[type | None, ...]] = {
     "fit_config": (dict, None),
     "history": (list,),
     "evaluation": (dict, None),
+    "boosted": (dict, None),
 }
 
 
@@ -106,6 +107,7 @@ class SavedAdapter:
     cost_table: CostTable
     history: list[dict[str, Any]]
     evaluation: dict[str, Any] | None
+    boosted: dict[str, Any] | None = None
 
     @property
     def backbone(self) -> dict[str, Any]:
@@ -207,6 +209,7 @@ def build_files(ee: EarlyExitModel, name: str, record: AdapterRecord, backbone: 
         "fit_config": fit_config.to_dict() if fit_config is not None else None,
         "history": jsonable(list(record.history), "history"),
         "evaluation": jsonable(record.evaluation, "evaluation"),
+        **({"boosted": jsonable(record.boosted, "boosted")} if record.boosted is not None else {}),
         "tensors": {
             "file": WEIGHTS_NAME,
             "sha256": hashlib.sha256(tensors).hexdigest(),
@@ -329,6 +332,15 @@ def parse_config(raw: bytes, source: str) -> SavedAdapter:
         raise AdapterError(
             f"{source}: the cost table has {cost_table.num_exits} exits but num_exits is {meta['num_exits']}."
         )
+    boosted = meta.get("boosted")
+    if boosted is not None:
+        gamma, head = boosted.get("gamma"), boosted.get("boost_head", False)
+        valid = isinstance(gamma, (int, float)) and not isinstance(gamma, bool) and math.isfinite(gamma) and gamma >= 0
+        if not valid or not isinstance(head, bool) or set(boosted) - {"gamma", "boost_head"}:
+            raise AdapterError(
+                f'{source}: boosted must be {{"gamma": a number >= 0, "boost_head": true/false}}, got {boosted!r}.'
+            )
+        boosted = {"gamma": float(gamma), "boost_head": head}
     return SavedAdapter(
         meta=meta,
         source=source,
@@ -337,6 +349,7 @@ def parse_config(raw: bytes, source: str) -> SavedAdapter:
         cost_table=cost_table,
         history=list(meta.get("history") or []),
         evaluation=meta.get("evaluation"),
+        boosted=boosted,
     )
 
 

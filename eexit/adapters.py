@@ -44,6 +44,8 @@ class AdapterRecord:
         history: fit's per-epoch record.
         evaluation: a stored :class:`~eexit.evaluation.EvaluationReport` as a dict (``None`` if none was kept).
         threshold: the gate threshold τ it runs with (``None``: the model's configured one).
+        boosted: for IMs trained as a BoostedNet ensemble, ``{"gamma": γ, "boost_head": bool}``, what predicting
+            with them needs (:meth:`eexit.baselines.BoostedNet.from_model`); ``None`` otherwise.
     """
 
     state: dict[str, torch.Tensor]
@@ -51,6 +53,7 @@ class AdapterRecord:
     history: list[dict[str, float]] = field(default_factory=list)
     evaluation: dict[str, Any] | None = None
     threshold: float | None = None
+    boosted: dict[str, Any] | None = None
 
     @classmethod
     def coerce(cls, record: AdapterRecord | Mapping[str, Any]) -> AdapterRecord:
@@ -62,7 +65,7 @@ class AdapterRecord:
                 "an adapter record must be an AdapterRecord or a dict with at least 'state', got "
                 f"{type(record).__name__}."
             )
-        unknown = sorted(set(record) - {"state", "fit_config", "history", "evaluation", "threshold"})
+        unknown = sorted(set(record) - {"state", "fit_config", "history", "evaluation", "threshold", "boosted"})
         if unknown:
             raise EexitValueError(f"unknown adapter record fields {unknown}; AdapterRecord has no such fields.")
         threshold = record.get("threshold")
@@ -72,6 +75,7 @@ class AdapterRecord:
             history=list(record.get("history") or []),
             evaluation=record.get("evaluation"),
             threshold=float(threshold) if threshold is not None else None,
+            boosted=record.get("boosted"),
         )
 
 

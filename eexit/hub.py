@@ -279,7 +279,14 @@ def install_adapter(ee: EarlyExitModel, saved: SavedAdapter, state: dict[str, An
     except EexitError as err:  # a shape or name mismatch: say which files it came from
         raise AdapterError(f"{saved.source}: {err}") from err
     ee.activate(
-        AdapterRecord(state, saved.fit_config, list(saved.history or []), saved.evaluation, saved.exit_config.threshold)
+        AdapterRecord(
+            state,
+            saved.fit_config,
+            list(saved.history or []),
+            saved.evaluation,
+            saved.exit_config.threshold,
+            saved.boosted,
+        )
     )
     ee.adapters.rename_active(adapter_name)
     _compare_costs(saved, ee)
@@ -342,7 +349,9 @@ def load_adapter(
         )
     check_fingerprint(saved, ee.spec, ee.backbone, ignore_fingerprint)
     # The adapter's own τ goes with it: set_adapter switches to it.
-    record = AdapterRecord(state, saved.fit_config, list(saved.history or []), saved.evaluation, theirs.threshold)
+    record = AdapterRecord(
+        state, saved.fit_config, list(saved.history or []), saved.evaluation, theirs.threshold, saved.boosted
+    )
     try:
         ee.add_adapter(adapter_name, record)
     except EexitError as err:

@@ -86,6 +86,8 @@ class EarlyExitModel(nn.Module):
         self.history: list[dict[str, float]] = []
         self.backbone_trainable = False
         self.evaluation: dict[str, Any] | None = None
+        # BoostedNet's ensemble settings when the IMs were trained as one (saved with the adapter).
+        self.boosted: dict[str, Any] | None = None
         # Named adapters: the active one's name and the records of every other one.
         self.adapters = AdapterSet()
         self._restore: Callable[[], None] | None = None
@@ -162,6 +164,7 @@ class EarlyExitModel(nn.Module):
                 history=list(self.history),
                 evaluation=self.evaluation,
                 threshold=self.config.threshold,
+                boosted=self.boosted,
             )
         return self.adapters.stored(name)
 
@@ -195,7 +198,7 @@ class EarlyExitModel(nn.Module):
         active adapter's name is unchanged."""
         self.load_adapter_state_dict(record.state)
         self.fit_config, self.history = record.fit_config, list(record.history)
-        self.evaluation = record.evaluation
+        self.evaluation, self.boosted = record.evaluation, record.boosted
         if record.threshold is not None:
             self.config = dataclasses.replace(self.config, threshold=float(record.threshold))
 

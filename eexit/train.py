@@ -336,7 +336,7 @@ def fit(
             p.requires_grad_(flag)
         ee.backbone_trainable = False
         ee.eval()
-    ee.fit_config, ee.history = config, history
+    ee.fit_config, ee.history, ee.boosted = config, history, None
     return history
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -10,6 +12,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import eexit
 from eexit.baselines import (
+    BoostedNet,
     apply_thresholds,
     boosted_logits,
     budgeted_curve,
@@ -23,11 +26,18 @@ from eexit.baselines._common import TrainSettings
 from eexit.baselines.boosted import boosted_loss
 from eexit.baselines.l2w import WeightNet, meta_loss, meta_step, threshold_assignment
 from eexit.data import FeatureCache
-from eexit.errors import EexitValueError
+from eexit.errors import AdapterError, EexitValueError
 from eexit.evaluation import collect_outputs
 from eexit.inference import ThresholdPolicy
 
 TRAIN = dict(epochs=2, lr=0.02)
+
+
+def fresh_backbone(ee):
+    """A new backbone with ``ee``'s weights (what loading an adapter starts from)."""
+    model = tiny_timm_vit()
+    model.load_state_dict(ee.backbone.state_dict())
+    return model
 
 
 def _loader(n: int, seed: int) -> DataLoader:
@@ -98,6 +108,34 @@ def test_boosted_curve_uses_ensemble_logits():
     v, t = collect_outputs(ee, val), collect_outputs(ee, test)
     curve = budgeted_curve(net.logits(v.logits), net.logits(t.logits), t.labels, ee.cost_table.exit_flops, ps=[5, 40])
     assert len(curve) == 2 and curve[0].cost < curve[1].cost
+
+
+def test_boosted_settings_are_saved_with_the_adapter(tmp_path):
+    ee = eexit.attach(tiny_timm_vit())
+    with pytest.raises(EexitValueError, match="not trained as a BoostedNet"):
+        BoostedNet.from_model(ee)
+    net = train_boosted(ee, _loader(64, 0), _loader(48, 1), gamma=0.3, **TRAIN)
+    x = torch.cat([b[0] for b in _loader(48, 2)])
+    with torch.no_grad():
+        expected = net.forward(x, [0.6] * (ee.num_exits - 1))
+    path = ee.save_pretrained(tmp_path / "boosted")
+    assert json.loads((path / "eexit_config.json").read_text())["boosted"] == {"gamma": 0.3, "boost_head": False}
+    loaded = eexit.from_pretrained(fresh_backbone(ee), path)
+    again = BoostedNet.from_model(loaded)  # γ came back from the file: same ensemble, same exits
+    assert again.gamma == 0.3 and not again.boost_head
+    with torch.no_grad():
+        out = again.forward(x, [0.6] * (ee.num_exits - 1))
+    assert torch.equal(out.exit_index, expected.exit_index) and torch.allclose(out.logits, expected.logits, atol=1e-6)
+    loaded.add_adapter("copy")
+    eexit.fit(loaded, _loader(64, 0), _loader(48, 1), lam=0.1, epochs=1, warmup_epochs=1, progress=False)
+    assert loaded.boosted is None  # retrained by fit: no longer an ensemble
+    loaded.set_adapter("copy")
+    assert loaded.boosted == {"gamma": 0.3, "boost_head": False}  # each adapter keeps its own
+    config = json.loads((path / "eexit_config.json").read_text())
+    config["boosted"] = {"gamma": -1}
+    (path / "eexit_config.json").write_text(json.dumps(config))
+    with pytest.raises(AdapterError, match="boosted must be"):
+        eexit.from_pretrained(fresh_backbone(ee), path)
 
 
 def test_boosted_rejects_bad_input():

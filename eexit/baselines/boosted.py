@@ -112,6 +112,19 @@ class BoostedNet:
     boost_head: bool = False
     history: list[dict[str, float]] = field(default_factory=list)
 
+    @classmethod
+    def from_model(cls, ee: EarlyExitModel) -> BoostedNet:
+        """The BoostedNet whose IMs ``ee`` holds, e.g. after loading its adapter: γ and ``boost_head`` come from
+        the adapter (:func:`train_boosted` records them in ``ee.boosted``, and ``save_pretrained`` saves them)."""
+        if not isinstance(ee, EarlyExitModel):
+            raise EexitTypeError(f"expected the EarlyExitModel from eexit.attach, got {type(ee).__name__}.")
+        if ee.boosted is None:
+            raise EexitValueError(
+                f"adapter {ee.active_adapter!r} was not trained as a BoostedNet (no ensemble settings recorded); "
+                "train it with eexit.baselines.train_boosted, or build BoostedNet(ee, gamma=...) yourself."
+            )
+        return cls(ee, _check_gamma(ee.boosted["gamma"]), bool(ee.boosted.get("boost_head", False)), list(ee.history))
+
     @property
     def boost_last(self) -> bool:
         """Whether the last exit predicts with the ensemble (always when it is a trained IM)."""
@@ -222,4 +235,5 @@ def train_boosted(
 
     net.history = train_ims(ee, train, val, config, step, score, optimizer, f"BoostedNet γ={gamma:g}")
     ee.fit_config, ee.history = None, net.history
+    ee.boosted = {"gamma": gamma, "boost_head": net.boost_head}  # saved with the adapter: its IMs are an ensemble
     return net

@@ -275,5 +275,5 @@ def train_l2w(
         return loss.item()
 
     result.history = train_ims(ee, train, val, config, step, mean_exit_accuracy, optimizer, "L2W-DEN")
-    ee.fit_config, ee.history = None, result.history
+    ee.fit_config, ee.history, ee.boosted = None, result.history, None
     return result
