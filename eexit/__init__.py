@@ -11,6 +11,7 @@ at inference each sample really stops computing at its exit.
 
 from __future__ import annotations
 
+from ._timm_models import install as _install_timm_models
 from ._version import __version__
 from .attaching import attach, detach, from_pretrained
 from .backbones.base import list_specs, register_spec
@@ -21,6 +22,8 @@ from .evaluation import EvaluationReport, evaluate
 from .inference import ExitPolicy, FixedExitPolicy, GatePolicy, ThresholdPolicy
 from .model import AllExitsOutput, EarlyExitModel, EarlyExitOutput
 from .train import fit
+
+_install_timm_models()  # timm.create_model("t2t_vit_14") works once timm is imported; timm is not imported here
 
 __all__ = [
     "AdapterError",

@@ -153,6 +153,26 @@ def test_import_eexit_registers_the_specs_and_loads_no_model_library() -> None:
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+@pytest.mark.parametrize(
+    "code",
+    [
+        # timm imported after eexit: the registration waits for it, and then the names exist
+        "import sys, eexit\nassert 'timm' not in sys.modules\nimport timm\n",
+        # timm imported first, or through one of its submodules
+        "import timm, eexit\n",
+        "import eexit, timm.layers\nimport timm\n",
+    ],
+    ids=["eexit-then-timm", "timm-then-eexit", "timm-submodule"],
+)
+def test_import_eexit_registers_its_timm_models_whenever_timm_comes(code: str) -> None:
+    check = (
+        "assert timm.is_model('t2t_vit_14') and timm.is_model('dyn_perceiver_tiny'), 'not registered'\n"
+        "assert type(timm.create_model('t2t_vit_7', num_classes=3)).__name__ == 'T2TViT'\n"
+        "assert not any(type(f).__name__ == '_TimmFinder' for f in sys.meta_path)\n"
+    )
+    subprocess.run([sys.executable, "-c", "import sys\n" + code + check], check=True)
+
+
 def test_public_api_exports_policies_errors_and_spec_classes() -> None:
     import eexit
     import eexit.backbones
