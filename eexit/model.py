@@ -156,7 +156,8 @@ class EarlyExitModel(nn.Module):
         return self.adapters.names
 
     def adapter_record(self, name: str | None = None) -> AdapterRecord:
-        """A snapshot of the adapter called ``name`` (default: the active one): what saving it writes."""
+        """The record of the adapter called ``name`` (default: the active one): what saving it writes. For the active
+        adapter it is a fresh snapshot of the live heads and gates; a stored adapter's record is returned as kept."""
         if name is None or name == self.adapters.active:
             return AdapterRecord(
                 state=self.adapter_state_dict(),

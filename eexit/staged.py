@@ -67,7 +67,7 @@ class StagedDriver:
 
     #: Exit k's classifier reads exits 0..k-1's logits (the Dynamic Perceiver's isc links).
     reads_earlier_exits = True
-    #: No hooks: the driver calls the stages itself.
+    #: The last exit is the model's own final classifier.
     has_head = True
 
     def __init__(self, backbone: nn.Module, spec: StagedSpec, exit_blocks: list[int], config: ExitConfig) -> None:

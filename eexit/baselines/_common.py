@@ -138,7 +138,8 @@ def train_ims(
                     )
                 total, batches, count = total + loss, batches + 1, count + 1
             ee.eval()
-            val_score = score(collect_outputs(ee, val).logits, val.labels)
+            out = collect_outputs(ee, val)  # logits and labels both on the CPU, wherever the cache lives
+            val_score = score(out.logits, out.labels)
             history.append({"epoch": float(epoch), "train_loss": total / max(batches, 1), "val_score": val_score})
             if val_score > best_score:
                 best_state, best_score = ee.adapter_state_dict(), val_score
