@@ -107,17 +107,37 @@ class FeatureCache:
         features = [torch.cat([f[k] for f in feats]) for k in range(len(feats[0]))]
         return cls(features, torch.cat(finals) if finals else None, torch.cat(labels))
 
-    def batches(
+    def batch_indices(
         self, batch_size: int, shuffle: bool, generator: torch.Generator | None = None
-    ) -> Iterator[tuple[list[torch.Tensor], torch.Tensor | None, torch.Tensor]]:
-        """Yield (features, final logits, labels) mini-batches."""
+    ) -> Iterator[torch.Tensor]:
+        """The row indices of each mini-batch (a permutation drawn from ``generator`` when shuffling)."""
         n = len(self)
         order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
-        order = order.to(self.labels.device)
-        for start in range(0, n, batch_size):
-            idx = order[start : start + batch_size]
-            final = self.final_logits[idx] if self.final_logits is not None else None
-            yield [f[idx] for f in self.features], final, self.labels[idx]
+        yield from order.split(batch_size)
+
+    def take(
+        self, idx: torch.Tensor, device: torch.device | None = None
+    ) -> tuple[list[torch.Tensor], torch.Tensor | None, torch.Tensor]:
+        """Rows ``idx``: (features, final logits, labels), moved to ``device`` when given."""
+        idx = idx.to(self.labels.device)
+        final = self.final_logits[idx] if self.final_logits is not None else None
+        feats, labels = [f[idx] for f in self.features], self.labels[idx]
+        if device is not None:
+            feats = [f.to(device, non_blocking=True) for f in feats]
+            final = final.to(device, non_blocking=True) if final is not None else None
+            labels = labels.to(device, non_blocking=True)
+        return feats, final, labels
+
+    def batches(
+        self,
+        batch_size: int,
+        shuffle: bool,
+        generator: torch.Generator | None = None,
+        device: torch.device | None = None,
+    ) -> Iterator[tuple[list[torch.Tensor], torch.Tensor | None, torch.Tensor]]:
+        """Yield (features, final logits, labels) mini-batches."""
+        for idx in self.batch_indices(batch_size, shuffle, generator):
+            yield self.take(idx, device)
 
     def num_batches(self, batch_size: int) -> int:
         return math.ceil(len(self) / batch_size)

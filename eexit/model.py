@@ -386,9 +386,11 @@ class EarlyExitModel(nn.Module):
     def outputs_from_features(self, features: list[torch.Tensor], final_logits: torch.Tensor | None) -> AllExitsOutput:
         """All-exit outputs computed from cached :meth:`exit_features` (same result as ``all_exits=True``)."""
         collector = ExitCollector(self.exit_output, self.num_exits, 0, self.config.gates, self.uses_history)
+        param = next(self.heads.parameters(), None)
+        dtype = param.dtype if param is not None else torch.float32
         for k, feature in enumerate(features):
-            collector.add(k, feature)
-        return collector.output(final_logits)
+            collector.add(k, feature.to(dtype))  # a disk cache stores fp16 features; the heads compute in theirs
+        return collector.output(final_logits.to(dtype) if final_logits is not None else None)
 
     def forward(
         self, pixel_values: torch.Tensor, *, all_exits: bool = False, policy: ExitPolicy | None = None

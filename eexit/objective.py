@@ -36,6 +36,7 @@ __all__ = [
     "mixed_weights",
     "optimal_exit",
     "per_exit_ce",
+    "pos_weights_from_counts",
     "task_pos_weights",
     "uniform_weights",
 ]
@@ -128,7 +129,12 @@ def hazard_targets(costs: torch.Tensor) -> torch.Tensor:
     return (costs[:-1] <= later).float()  # [E-1, B]
 
 
-def task_pos_weights(targets: torch.Tensor, weights: torch.Tensor | None = None, cap: float = 5.0) -> torch.Tensor:
+def task_pos_weights(
+    targets: torch.Tensor,
+    weights: torch.Tensor | None = None,
+    cap: float = 5.0,
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:
     """r_j = clamp(negatives_j / positives_j, 1/cap, cap) of gate j's own targets (``pos_weight="task"``).
 
     Unlike :func:`gate_pos_weights` (the authors' counts of l* = j), these are the counts of the task gate j is
@@ -138,11 +144,14 @@ def task_pos_weights(targets: torch.Tensor, weights: torch.Tensor | None = None,
         targets: ``[E-1, B]`` 0/1 targets.
         weights: optional ``[E-1, B]`` sample weights.
         cap: bound of the ratio.
+        reduce: sums the ``[2, E-1]`` positive/negative counts over the processes of a distributed fit, so
+            every rank uses the global batch's ratio.
     """
     w = torch.ones_like(targets) if weights is None else weights.to(targets)
-    pos = (w * targets).sum(dim=1).clamp(min=1e-6)  # [E-1]
-    neg = (w * (1 - targets)).sum(dim=1)
-    return (neg / pos).clamp(min=1.0 / cap, max=cap)  # [E-1]
+    counts = torch.stack([(w * targets).sum(dim=1), (w * (1 - targets)).sum(dim=1)])  # [2, E-1]
+    if reduce is not None:
+        counts = reduce(counts)
+    return (counts[1] / counts[0].clamp(min=1e-6)).clamp(min=1.0 / cap, max=cap)  # [E-1]
 
 
 def gate_pos_weights(best_exit: torch.Tensor, num_exits: int, cap: float = 5.0) -> torch.Tensor:
@@ -153,9 +162,15 @@ def gate_pos_weights(best_exit: torch.Tensor, num_exits: int, cap: float = 5.0) 
     sample's best exit is j, r_j = 0 and gate j gets no signal from its (all positive) targets, so it never
     learns to fire where it should. We bound r_j below by 1/cap, symmetric to the cap.
     """
-    counts = torch.bincount(best_exit.flatten(), minlength=num_exits)[: num_exits - 1].float()  # [E-1]
-    counts = counts.clamp(min=0.1)
-    total = float(best_exit.numel())
+    counts = torch.bincount(best_exit.flatten(), minlength=num_exits).float()  # [E]
+    return pos_weights_from_counts(counts, cap)
+
+
+def pos_weights_from_counts(counts: torch.Tensor, cap: float = 5.0) -> torch.Tensor:
+    """:func:`gate_pos_weights` from the counts of l* = j over all E exits (summed over the ranks of a distributed
+    fit), ``[E]`` -> ``[E-1]``."""
+    total = float(counts.sum())
+    counts = counts[:-1].float().clamp(min=0.1)
     return ((total - counts) / counts).clamp(min=1.0 / cap, max=cap)  # [E-1]
 
 

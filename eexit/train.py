@@ -22,17 +22,22 @@ from __future__ import annotations
 import enum
 import logging
 import math
+import os
 import warnings
 from collections.abc import Iterable, Iterator
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
+from ._fingerprint import backbone_fingerprint
+from .checkpoint import load_optimizer_state, optimizer_state, read_checkpoint, write_checkpoint
 from .config import FitConfig
 from .data import FeatureCache, check_images, check_labels, check_loader, estimated_cache_bytes, unpack_batch
+from .distributed import Dist, current
 from .errors import EexitTypeError, EexitValueError, TrainingError
+from .feature_store import disk_cache
 from .gate_fit import solve_gates
 from .inference import decide_exits
 from .model import AllExitsOutput, EarlyExitModel
@@ -41,13 +46,13 @@ from .objective import (
     depth_ic,
     exit_costs,
     gate_loss,
-    gate_pos_weights,
     gate_targets,
     hazard_targets,
     im_loss,
     mixed_weights,
     optimal_exit,
     per_exit_ce,
+    pos_weights_from_counts,
     task_pos_weights,
 )
 
@@ -112,33 +117,48 @@ def _make_optimizer(ee: EarlyExitModel, config: FitConfig) -> torch.optim.Optimi
 
 
 def _loss(
-    out: AllExitsOutput,
-    labels: torch.Tensor,
+    out: AllExitsOutput | None,
+    labels: torch.Tensor | None,
+    total: int,
     phase: Phase,
     ee: EarlyExitModel,
     config: FitConfig,
     pos_weight: torch.Tensor,
-) -> torch.Tensor:
-    ce = per_exit_ce(out.logits, labels)  # [E, B]
-    trainable = torch.ones(ee.num_exits, dtype=torch.bool, device=ce.device)
-    if ee.has_backbone_head and not config.train_backbone:
-        trainable[-1] = False  # the frozen backbone head cannot learn; its CE only shapes the weights
+    dist: Dist,
+) -> torch.Tensor | None:
+    """This process's part of the global batch's loss: its rows' mean loss scaled by rows / ``total``.
+
+    In one process the scale is 1. ``None`` when this process has no rows of the batch (a short last batch
+    split over more processes than it has samples); it still takes part in the batch's collective operations.
+    """
+    rows = 0 if labels is None else labels.shape[0]
     if phase is Phase.GATE:
+        if out is None or labels is None:
+            if config.pos_weight == "task":  # the other ranks sum their target counts with this one's zeros
+                task_pos_weights(torch.zeros(ee.num_exits - 1, 0), cap=config.pos_weight_cap, reduce=dist.sum)
+            return None
+        ce = per_exit_ce(out.logits, labels)  # [E, B]
         costs = exit_costs(ce.detach(), priced_ic(ee, config).to(ce.device), config.lam)  # [E, B]
         if ee.config.gates == "hazard":
             targets = hazard_targets(costs)
         else:
             targets = gate_targets(optimal_exit(costs), ee.num_exits)
         if config.pos_weight == "task":
-            pos_weight = task_pos_weights(targets, cap=config.pos_weight_cap)
+            pos_weight = task_pos_weights(targets, cap=config.pos_weight_cap, reduce=dist.sum)
         elif config.pos_weight == "none":
             pos_weight = torch.ones_like(pos_weight)
-        return gate_loss(out.gate_logits, targets, pos_weight)
+        return gate_loss(out.gate_logits, targets, pos_weight) * (rows / total)
+    if out is None or labels is None:
+        return None
+    ce = per_exit_ce(out.logits, labels)  # [E, B]
+    trainable = torch.ones(ee.num_exits, dtype=torch.bool, device=ce.device)
+    if ee.has_backbone_head and not config.train_backbone:
+        trainable[-1] = False  # the frozen backbone head cannot learn; its CE only shapes the weights
     if phase is Phase.WARMUP:
         weights = WEIGHTINGS[config.warmup_weighting](ce, None)
     elif config.im_weighting == "mixed":
         # Not renormalised per sample (not even over the exits that learn): that is the point of the mix.
-        return im_loss(ce, mixed_weights(ce, out.exit_probs.detach(), config.im_mix), trainable)
+        return im_loss(ce, mixed_weights(ce, out.exit_probs.detach(), config.im_mix), trainable) * (rows / total)
     else:
         probs = out.exit_probs.detach() if config.im_weighting == "gate" else None
         weights = WEIGHTINGS[config.im_weighting](ce, probs)
@@ -147,7 +167,10 @@ def _loss(
         weights = (
             weights * trainable.unsqueeze(1) / (weights * trainable.unsqueeze(1)).sum(0, keepdim=True).clamp(min=1e-12)
         )
-    return im_loss(ce, weights, trainable)
+    return im_loss(ce, weights, trainable) * (rows / total)
+
+
+_Batch = tuple["AllExitsOutput | None", "torch.Tensor | None", int]
 
 
 def _batches(
@@ -157,75 +180,136 @@ def _batches(
     shuffle: bool,
     generator: torch.Generator,
     grad: bool,
-) -> Iterator[tuple[AllExitsOutput, torch.Tensor]]:
-    """All-exit outputs and labels per batch, from the cache or from the loader."""
-    if isinstance(source, FeatureCache):
-        for feats, final, labels in source.batches(config.batch_size, shuffle, generator):
-            with torch.set_grad_enabled(grad):
-                yield ee.outputs_from_features(feats, final), labels
-        return
+    dist: Dist,
+    autocast: torch.dtype | None = None,
+) -> Iterator[_Batch]:
+    """(all-exit outputs, labels, global batch size) per batch, from the cache or from the loader.
+
+    Every process walks the same global batches (the same permutation: the generators agree) and computes its
+    contiguous share of each one's rows; outputs and labels are ``None`` where that share is empty.
+    """
     device = next(ee.parameters()).device
+    if isinstance(source, FeatureCache):
+        for idx in source.batch_indices(config.batch_size, shuffle, generator):
+            local = idx.tensor_split(dist.world)[dist.rank] if dist.active else idx
+            if local.numel() == 0:
+                yield None, None, idx.numel()
+                continue
+            feats, final, labels = source.take(local, device)
+            with torch.set_grad_enabled(grad):
+                yield ee.outputs_from_features(feats, final), labels, idx.numel()
+        return
     for batch in source:
         images, labels = unpack_batch(batch)
-        images = check_images(images, "train_loader" if grad else "val_loader").to(device)
-        labels = check_labels(labels, ee.num_classes).to(device)
-        with torch.set_grad_enabled(grad):
-            yield ee(images, all_exits=True), labels  # type: ignore[misc]
+        images = check_images(images, "train_loader" if grad else "val_loader")
+        labels = check_labels(labels, ee.num_classes)
+        total = labels.shape[0]
+        if dist.active:  # the loader yields global batches; this process computes its share of the rows
+            images, labels = images.tensor_split(dist.world)[dist.rank], labels.tensor_split(dist.world)[dist.rank]
+            if labels.numel() == 0:
+                yield None, None, total
+                continue
+        with torch.set_grad_enabled(grad), torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
+            out = ee(images.to(device), all_exits=True)
+        yield out, labels.to(device), total  # type: ignore[misc]
 
 
 @torch.no_grad()
-def validate(
-    ee: EarlyExitModel, source: FeatureCache | Iterable[Any], config: FitConfig
+def _validate(
+    ee: EarlyExitModel, source: FeatureCache | Iterable[Any], config: FitConfig, dist: Dist
 ) -> tuple[dict[str, float], torch.Tensor]:
-    """Validation metrics under the deterministic exit rule, and each sample's best exit l* (for r_j).
-
-    Returns:
-        (metrics, best_exit): metrics has ``accuracy``, ``cost_fraction`` (mean measured IC) and ``objective``
-        (mean of CE + λ·IC at the exit taken with the priced IC of ``config.ic``, the quantity model selection
-        minimises).
-    """
+    """:func:`validate` over every process's share of the data: sums and l* counts reduced over the ranks."""
     was_training = ee.training
     ee.eval()
     ic = ee.cost_table.ic
     price = priced_ic(ee, config)
-    correct = cost = objective = count = 0.0
-    best: list[torch.Tensor] = []
+    sums = torch.zeros(4, dtype=torch.float64)  # correct, cost, objective, count
+    counts = torch.zeros(ee.num_exits, dtype=torch.float64)  # samples whose best exit is l
     policy = ee.default_policy()
-    for out, labels in _batches(ee, source, config, False, torch.Generator(), grad=False):
+    for out, labels, _ in _batches(ee, source, config, False, torch.Generator(), grad=False, dist=dist):
+        if out is None or labels is None:
+            continue
         ce = per_exit_ce(out.logits, labels)  # [E, B]
-        best.append(optimal_exit(exit_costs(ce, price.to(ce.device), config.lam)).cpu())
+        best = optimal_exit(exit_costs(ce, price.to(ce.device), config.lam))
+        counts += torch.bincount(best.cpu(), minlength=ee.num_exits).double()
         taken = decide_exits(out.logits, out.gate_logits, policy)  # [B]
         cols = torch.arange(labels.shape[0], device=labels.device)
         pred = out.logits[taken, cols].argmax(-1)
-        correct += float((pred == labels).sum())
-        cost += float(ic.to(ce.device)[taken].sum())
-        objective += float((ce[taken, cols] + config.lam * price.to(ce.device)[taken]).sum())
-        count += labels.shape[0]
+        sums[0] += float((pred == labels).sum())
+        sums[1] += float(ic.to(ce.device)[taken].sum())
+        sums[2] += float((ce[taken, cols] + config.lam * price.to(ce.device)[taken]).sum())
+        sums[3] += labels.shape[0]
     ee.train(was_training)
+    reduced = dist.sum(torch.cat([sums, counts]))
+    sums, counts = reduced[:4], reduced[4:]
+    correct, cost, objective, count = sums.tolist()
     metrics = {"accuracy": correct / count, "cost_fraction": cost / count, "objective": objective / count}
-    return metrics, torch.cat(best)
+    return metrics, counts
 
 
-def _cycle(
-    ee: EarlyExitModel, source: FeatureCache | Iterable[Any], config: FitConfig, generator: torch.Generator
-) -> Iterator[tuple[AllExitsOutput, torch.Tensor]]:
-    """Shuffled batches of ``source`` without end (gate batches drawn from the held-out split)."""
-    while True:
-        yield from _batches(ee, source, config, True, generator, grad=True)
+def validate(
+    ee: EarlyExitModel, source: FeatureCache | Iterable[Any], config: FitConfig
+) -> tuple[dict[str, float], torch.Tensor]:
+    """Validation metrics under the deterministic exit rule, and how many samples have each exit as their best l*.
+
+    Returns:
+        (metrics, counts): metrics has ``accuracy``, ``cost_fraction`` (mean measured IC) and ``objective``
+        (mean of CE + λ·IC at the exit taken with the priced IC of ``config.ic``, the quantity model selection
+        minimises); ``counts`` ``[E]`` (float64) the number of samples whose l* is each exit (for r_j).
+    """
+    return _validate(ee, source, config, Dist())
+
+
+class _GateStream:
+    """Shuffled batches of the held-out gate split, without end (the gate phases' data when ``gate_data="val"``).
+
+    Pass p is a permutation seeded by (seed, p), so the stream is known from (passes, position) alone, which a
+    checkpoint stores, and agrees across processes.
+    """
+
+    def __init__(
+        self, ee: EarlyExitModel, source: Any, config: FitConfig, dist: Dist, passes: int = 0, position: int = 0
+    ) -> None:
+        self.ee, self.source, self.config, self.dist = ee, source, config, dist
+        self.passes, self.position = passes, position
+        self._it: Iterator[_Batch] | None = None
+
+    def __next__(self) -> _Batch:
+        while True:
+            try:
+                if self._it is None:
+                    gen = torch.Generator().manual_seed(self.config.seed * 1_000_003 + self.passes + 1)
+                    self._it = _batches(self.ee, self.source, self.config, True, gen, True, self.dist)
+                    for _ in range(self.position):  # resuming mid-pass
+                        next(self._it)
+                batch = next(self._it)
+            except StopIteration:
+                self._it, self.passes, self.position = None, self.passes + 1, 0
+                continue
+            self.position += 1
+            return batch
 
 
 def _solve_gates(
-    ee: EarlyExitModel, source: FeatureCache | Iterable[Any], config: FitConfig, generator: torch.Generator
+    ee: EarlyExitModel, source: FeatureCache | Iterable[Any], config: FitConfig, dist: Dist
 ) -> dict[str, Any]:
-    """One exact gate phase: every gate refitted on ``source`` with the IMs as they are now."""
+    """One exact gate phase: every gate refitted on ``source`` with the IMs as they are now.
+
+    Every process solves on the whole of ``source`` (the gates are a few numbers each; the solve is cheap next
+    to an epoch), then takes rank 0's result, so the ranks agree even where the hardware is not deterministic.
+    """
     was_training = ee.training
     ee.eval()
     try:  # the outputs are collected without gradient; L-BFGS enables it for the gates' own solve
-        return solve_gates(
-            ee, _batches(ee, source, config, False, generator, grad=False), priced_ic(ee, config), config
+        batches = (
+            (out, labels)
+            for out, labels, _ in _batches(ee, source, config, False, torch.Generator(), grad=False, dist=Dist())
         )
+        solved = solve_gates(ee, batches, priced_ic(ee, config), config)
     finally:
         ee.train(was_training)
+    dist.broadcast_(list(ee.gates.parameters()))
+    return solved
 
 
 def _snapshot(ee: EarlyExitModel, with_backbone: bool) -> dict[str, Any]:
@@ -265,21 +349,59 @@ def _check_cache(ee: EarlyExitModel, cache: FeatureCache, name: str, config: Fit
     check_labels(cache.labels, ee.num_classes)
 
 
-def _use_cache(ee: EarlyExitModel, train_loader: Iterable[Any], config: FitConfig) -> bool:
+def _use_cache(ee: EarlyExitModel, train_loader: Iterable[Any], config: FitConfig, on_disk: bool) -> bool:
     if config.cache_features is not None:
         return config.cache_features
     if config.train_backbone:
         return False
     size = estimated_cache_bytes(ee, train_loader)
-    if size is not None and size > _CACHE_LIMIT_BYTES:
+    if not on_disk and size is not None and size > _CACHE_LIMIT_BYTES:
         warnings.warn(
-            f"not caching exit features: they would take about {size / 1024**3:.1f} GiB. Every epoch will run "
-            "the backbone; pass cache_features=True to cache anyway.",
+            f"not caching exit features: they would take about {size / 1024**3:.1f} GiB of RAM. Every epoch will "
+            "run the backbone; pass cache_dir= to cache them on disk, or cache_features=True to cache in RAM.",
             UserWarning,
-            stacklevel=3,
+            stacklevel=4,
         )
         return False
     return True
+
+
+def _feature_cache(
+    ee: EarlyExitModel,
+    loader: Iterable[Any],
+    name: str,
+    config: FitConfig,
+    cache_dir: str | os.PathLike[str] | None,
+    dist: Dist,
+    autocast: torch.dtype | None,
+) -> FeatureCache:
+    """The loader's features: as given, in RAM (one process, no ``cache_dir``), or on disk, built by every rank."""
+    if isinstance(loader, FeatureCache):
+        return loader
+    if cache_dir is None and not dist.active:
+        return FeatureCache.collect(ee, loader, name, config.progress)
+    dataset = getattr(loader, "dataset", None)
+    if dataset is None or not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__"):
+        raise EexitValueError(
+            f"{name}: the disk feature cache (cache_dir=, or several processes) reads a DataLoader over a map-style "
+            f"dataset, got {type(loader).__name__}. Pass a torch DataLoader, or a FeatureCache you collected."
+        )
+    batch_size = getattr(loader, "batch_size", None) or config.batch_size
+    return disk_cache(
+        ee,
+        dataset,
+        cache_dir,
+        name=name.removesuffix("_loader"),
+        batch_size=batch_size,
+        num_workers=getattr(loader, "num_workers", 0),
+        collate_fn=getattr(loader, "collate_fn", None),
+        autocast=autocast,
+        progress=config.progress,
+        dist=dist,
+    )
+
+
+_AUTOCAST = {None: None, "no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def fit(
@@ -289,9 +411,20 @@ def fit(
     lam: float | None = None,
     *,
     config: FitConfig | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    checkpoint_dir: str | os.PathLike[str] | None = None,
+    resume: bool = False,
+    mixed_precision: str | None = None,
     **overrides: Any,
 ) -> list[dict[str, float]]:
-    """Train the exits (and optionally the backbone) with JEI-DNN.
+    """Train the exits (and optionally the backbone) with JEI-DNN, in one process or under ``accelerate launch``.
+
+    Under a multi-process launcher (``accelerate launch --num_processes N``, ``torchrun``) the same call trains
+    on N processes: each computes its share of every global batch (the loaders' batches, or ``batch_size`` rows
+    of the feature cache), gradients and validation sums are reduced over the processes, and the result is the
+    adapter one process gives with the same global batch. The frozen backbone is never wrapped; only the
+    exits' gradients are exchanged (``eexit.distributed``). Save the adapter from the main process only
+    (``eexit.distributed.current().is_main``).
 
     Args:
         ee: the model :func:`eexit.attach` returned.
@@ -301,17 +434,32 @@ def fit(
         val_loader: the same, for the gate weights r_j, per-epoch metrics and model selection.
         lam: λ, the accuracy/cost trade-off (overrides ``config.lam``).
         config: a :class:`FitConfig`; keyword arguments override its fields (``epochs=5``, ...).
+        cache_dir: cache the exit features on disk under this folder (memory-mapped, fp16, keyed by backbone,
+            exits and data; reused by later fits: :func:`eexit.feature_store.disk_cache`). Needs DataLoaders over
+            map-style datasets. With several processes the cache is always on disk (default
+            :func:`eexit.feature_store.default_cache_dir`).
+        checkpoint_dir: write a checkpoint after every epoch (adapter, optimiser, random states, counters;
+            safetensors + JSON, atomically) into this folder.
+        resume: continue from the latest checkpoint in ``checkpoint_dir`` (a fresh start if there is none). The
+            settings must be those of the interrupted fit; the result is the adapter an uninterrupted fit gives.
+        mixed_precision: ``"bf16"`` or ``"fp16"`` runs the backbone under ``torch.autocast`` (GPU); ``None`` or
+            ``"no"`` keeps full precision.
 
     Returns:
         The per-epoch history (also stored as ``ee.history``): phase counts, training loss, validation
         accuracy, mean cost fraction and objective.
 
     Raises:
-        EexitValueError: bad settings, empty loaders, labels outside the class range, NaN/Inf inputs.
+        EexitValueError: bad settings, empty loaders, labels outside the class range, NaN/Inf inputs, a
+            checkpoint from other settings or another backbone.
         TrainingError: the loss became NaN/Inf; the adapter is reset to the last good state before raising.
     """
     if not isinstance(ee, EarlyExitModel):
         raise EexitTypeError(f"fit expects the EarlyExitModel from eexit.attach, got {type(ee).__name__}.")
+    if mixed_precision not in _AUTOCAST:
+        raise EexitValueError(f"mixed_precision must be one of {list(_AUTOCAST)}, got {mixed_precision!r}.")
+    if resume and checkpoint_dir is None:
+        raise EexitValueError("resume=True needs checkpoint_dir=, the folder the interrupted fit wrote to.")
     if lam is not None:
         overrides["lam"] = lam
     config = replace(config or FitConfig(), **overrides) if overrides else (config or FitConfig())
@@ -323,6 +471,7 @@ def fit(
             _check_cache(ee, source, name, config)
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
+    run = _Run(current(), _AUTOCAST[mixed_precision], cache_dir, checkpoint_dir, resume)
 
     grad_flags = [(p, p.requires_grad) for p in ee.backbone.parameters()]
     if config.train_backbone:
@@ -330,7 +479,7 @@ def fit(
             p.requires_grad_(True)
         ee.backbone_trainable = True
     try:
-        history = _fit_loop(ee, train_loader, val_loader, config, generator)
+        history = _fit_loop(ee, train_loader, val_loader, config, generator, run)
     finally:
         for p, flag in grad_flags:
             p.requires_grad_(flag)
@@ -340,76 +489,179 @@ def fit(
     return history
 
 
+@dataclass
+class _Run:
+    """How this fit runs (not what it learns): processes, precision, where caches and checkpoints go."""
+
+    dist: Dist
+    autocast: torch.dtype | None
+    cache_dir: str | os.PathLike[str] | None
+    checkpoint_dir: str | os.PathLike[str] | None
+    resume: bool
+
+
+def _config_digest(config: FitConfig) -> dict[str, Any]:
+    return {k: v for k, v in config.to_dict().items() if k != "progress"}
+
+
+def _save_checkpoint(
+    ee: EarlyExitModel,
+    run: _Run,
+    config: FitConfig,
+    epoch: int,
+    optimizer: torch.optim.Optimizer,
+    generator: torch.Generator,
+    counters: dict[str, Any],
+    best_state: dict[str, Any],
+) -> None:
+    tensors = {f"adapter.{k}": v for k, v in ee.adapter_state_dict().items()}
+    tensors.update({f"best.{k}": v for k, v in best_state["adapter"].items()})
+    if config.train_backbone:
+        tensors.update({f"backbone.{k}": v for k, v in ee.backbone.state_dict().items()})
+        tensors.update({f"best_backbone.{k}": v for k, v in best_state["backbone"].items()})
+    optim_tensors, optim_plain = optimizer_state(optimizer)
+    tensors.update(optim_tensors)
+    tensors["rng.generator"] = generator.get_state()
+    tensors["rng.torch"] = torch.get_rng_state()
+    meta = {
+        "config": _config_digest(config),
+        "backbone": backbone_fingerprint(ee.backbone) if not config.train_backbone else None,
+        "optimizer": optim_plain,
+        **counters,
+    }
+    write_checkpoint(run.checkpoint_dir, epoch, tensors, meta)  # type: ignore[arg-type]
+
+
+def _load_checkpoint(
+    ee: EarlyExitModel,
+    run: _Run,
+    config: FitConfig,
+    optimizer: torch.optim.Optimizer,
+    generator: torch.Generator,
+) -> tuple[int, dict[str, Any], dict[str, Any]] | None:
+    """Restore the latest checkpoint: returns (next epoch, counters, best state), or ``None`` without one."""
+    found = read_checkpoint(run.checkpoint_dir)  # type: ignore[arg-type]
+    if found is None:
+        return None
+    tensors, meta = found
+    if meta["config"] != _config_digest(config):
+        changed = sorted(k for k in meta["config"] if meta["config"][k] != _config_digest(config).get(k))
+        raise EexitValueError(
+            f"the checkpoint in {run.checkpoint_dir} was written by a fit with other settings ({changed}); resume "
+            "with the same settings, or use another checkpoint_dir to start afresh."
+        )
+    if meta["backbone"] is not None and meta["backbone"] != backbone_fingerprint(ee.backbone):
+        raise EexitValueError(
+            f"the checkpoint in {run.checkpoint_dir} was written for another backbone (its weights differ); resume "
+            "on the same backbone, or use another checkpoint_dir."
+        )
+
+    def part(prefix: str) -> dict[str, torch.Tensor]:
+        return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+    ee.load_adapter_state_dict(part("adapter."))
+    best: dict[str, Any] = {"adapter": part("best.")}
+    if config.train_backbone:
+        ee.backbone.load_state_dict(part("backbone."))
+        best["backbone"] = part("best_backbone.")
+    load_optimizer_state(optimizer, tensors, meta["optimizer"])
+    generator.set_state(tensors["rng.generator"])
+    torch.set_rng_state(tensors["rng.torch"])
+    return int(meta["epoch"]) + 1, meta, best
+
+
 def _fit_loop(
     ee: EarlyExitModel,
     train_loader: Iterable[Any],
     val_loader: Iterable[Any],
     config: FitConfig,
     generator: torch.Generator,
+    run: _Run,
 ) -> list[dict[str, float]]:
+    dist = run.dist
     train_src: FeatureCache | Iterable[Any] = train_loader
     val_src: FeatureCache | Iterable[Any] = val_loader
-    if _use_cache(ee, train_loader, config):
-        if not isinstance(train_loader, FeatureCache):
-            train_src = FeatureCache.collect(ee, train_loader, "train_loader", config.progress)
-        if not isinstance(val_loader, FeatureCache):
-            val_src = FeatureCache.collect(ee, val_loader, "val_loader", config.progress)
+    if _use_cache(ee, train_loader, config, on_disk=run.cache_dir is not None or dist.active):
+        train_src = _feature_cache(ee, train_loader, "train_loader", config, run.cache_dir, dist, run.autocast)
+        val_src = _feature_cache(ee, val_loader, "val_loader", config, run.cache_dir, dist, run.autocast)
     optimizer = _make_optimizer(ee, config)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    # Every process starts from rank 0's exits (and backbone, when it trains), as DDP would make them.
+    dist.broadcast_(params if config.train_backbone else [*ee.heads.parameters(), *ee.gates.parameters()])
     device = next(ee.parameters()).device
     pos_weight = torch.ones(max(ee.num_exits - 1, 0), device=device)
-    gate_src = val_src if config.gate_data == "val" else train_src
+    separate_gate_data = config.gate_data == "val"
+    gate_src = val_src if separate_gate_data else train_src
     exact = config.gate_fit == "exact" and ee.num_exits > 1
     good = _snapshot(ee, config.train_backbone)
     best_state, best_objective = good, math.inf
     history: list[dict[str, float]] = []
-    step = 0
-    gate_batches: Iterator[tuple[AllExitsOutput, torch.Tensor]] | None = None
-    bar = tqdm(range(config.epochs), desc=f"JEI-DNN λ={config.lam:g}", disable=not config.progress)
+    step, start = 0, 0
+    gate_passes = gate_position = 0
+    if run.resume:
+        restored = _load_checkpoint(ee, run, config, optimizer, generator)
+        if restored is not None:
+            start, counters, best_state = restored
+            step, history = counters["step"], counters["history"]
+            best_objective = counters["best_objective"] if counters["best_objective"] is not None else math.inf
+            gate_passes, gate_position = counters["gate_passes"], counters["gate_position"]
+            pos_weight = torch.tensor(counters["pos_weight"], device=device)
+            good = _snapshot(ee, config.train_backbone)
+            logger.info("resuming at epoch %d/%d from %s", start + 1, config.epochs, run.checkpoint_dir)
+    gate_batches = _GateStream(ee, gate_src, config, dist, gate_passes, gate_position)
+    bar = tqdm(
+        range(start, config.epochs),
+        desc=f"JEI-DNN λ={config.lam:g}",
+        disable=not (config.progress and dist.is_main),
+        initial=start,
+        total=config.epochs,
+    )
     for epoch in bar:
         for group in optimizer.param_groups:
             group["lr"] = group["base_lr"] * _lr_factor(epoch, config)
         if exact and epoch == 0 and config.warmup_epochs == 0:
-            _solve_gates(ee, gate_src, config, generator)  # the first IM epoch needs gates fitted to the IMs
+            _solve_gates(ee, gate_src, config, dist)  # the first IM epoch needs gates fitted to the IMs
         elif epoch >= config.warmup_epochs and ee.num_exits > 1 and config.pos_weight == "paper":
-            _, best_exit = validate(ee, val_src, config)
-            pos_weight = gate_pos_weights(best_exit, ee.num_exits, config.pos_weight_cap).to(device)
+            _, counts = _validate(ee, val_src, config, dist)
+            pos_weight = pos_weights_from_counts(counts, config.pos_weight_cap).float().to(device)
         ee.train(True)
         totals = {Phase.WARMUP: 0.0, Phase.GATE: 0.0, Phase.IM: 0.0}
-        counts = {Phase.WARMUP: 0, Phase.GATE: 0, Phase.IM: 0}
-        for out, labels in _batches(ee, train_src, config, True, generator, grad=True):
+        counts_ = {Phase.WARMUP: 0, Phase.GATE: 0, Phase.IM: 0}
+        for out, labels, total in _batches(ee, train_src, config, True, generator, True, dist, run.autocast):
             phase = phase_at(epoch, step, config)
             if phase is Phase.GATE and ee.num_exits < 2:
                 phase = Phase.IM
-            if phase is Phase.GATE and gate_src is not train_src:
+            if phase is Phase.GATE and separate_gate_data:
                 # Gates learn from held-out outputs: the gate phase's batch comes from the gate split instead.
-                gate_batches = gate_batches or _cycle(ee, gate_src, config, generator)
-                out, labels = next(gate_batches)
-            loss = _loss(out, labels, phase, ee, config, pos_weight)
-            if not torch.isfinite(loss):
+                out, labels, total = next(gate_batches)
+            loss = _loss(out, labels, total, phase, ee, config, pos_weight, dist)
+            optimizer.zero_grad(set_to_none=True)
+            if loss is not None:
+                loss.backward()
+            global_loss = dist.sync_grads(params, loss if loss is not None else torch.zeros((), device=device))
+            if not torch.isfinite(global_loss):
                 _restore(ee, good)
                 raise TrainingError(
-                    f"the {phase.value} loss became {loss.item()} at epoch {epoch}; training stopped and the "
+                    f"the {phase.value} loss became {global_loss.item()} at epoch {epoch}; training stopped and the "
                     "adapter was reset to the last good state (end of the previous epoch). Lower lr, check the "
                     "inputs' normalisation, or use optimizer='adamw'."
                 )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
             optimizer.step()
-            totals[phase] += loss.item()
-            counts[phase] += 1
+            totals[phase] += global_loss.item()
+            counts_[phase] += 1
             if phase is not Phase.WARMUP:
                 step += 1
         solved = {}
         if exact and epoch + 1 >= config.warmup_epochs:
             # After the last warm-up epoch and after every IM epoch: the next epoch's IM weights and this epoch's
             # validation read gates fitted to the IMs as they are now.
-            solved = _solve_gates(ee, gate_src, config, generator)
-        metrics, _ = validate(ee, val_src, config)
+            solved = _solve_gates(ee, gate_src, config, dist)
+        metrics, _ = _validate(ee, val_src, config, dist)
         record = {"epoch": float(epoch), **{f"val_{k}": v for k, v in metrics.items()}, **solved}
         for phase in Phase:
-            if counts[phase]:
-                record[f"{phase.value}_loss"] = totals[phase] / counts[phase]
-                record[f"{phase.value}_batches"] = float(counts[phase])
+            if counts_[phase]:
+                record[f"{phase.value}_loss"] = totals[phase] / counts_[phase]
+                record[f"{phase.value}_batches"] = float(counts_[phase])
         history.append(record)
         logger.info(
             "epoch %d/%d λ=%g: val accuracy %.4f, mean cost %.3f of the last exit, objective %.4f",
@@ -424,6 +676,16 @@ def _fit_loop(
         good = _snapshot(ee, config.train_backbone)
         if epoch >= config.warmup_epochs and metrics["objective"] < best_objective:
             best_objective, best_state = metrics["objective"], good
+        if run.checkpoint_dir is not None and dist.is_main:
+            counters = {
+                "step": step,
+                "history": history,
+                "best_objective": best_objective if math.isfinite(best_objective) else None,
+                "gate_passes": gate_batches.passes,
+                "gate_position": gate_batches.position,
+                "pos_weight": pos_weight.tolist(),
+            }
+            _save_checkpoint(ee, run, config, epoch, optimizer, generator, counters, best_state)
     if config.select == "best" and math.isfinite(best_objective):
         _restore(ee, best_state)
     return history

@@ -1,0 +1,72 @@
+"""A fit of a tiny backbone's exits, run by the distributed tests as a script (one process or under a launcher).
+
+Usage: python tests/_dist_fit.py OUT CACHE_DIR. Writes OUT/adapter-{hazard,paper} (main process only) and, on
+every rank, OUT/cache-rank<k>.safetensors with the feature cache it trained on.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import timm
+import torch
+from safetensors.torch import save_file
+from sklearn.datasets import load_digits
+
+import eexit
+from eexit.distributed import current
+from eexit.feature_store import disk_cache
+
+
+def data() -> tuple[torch.utils.data.TensorDataset, torch.utils.data.TensorDataset]:
+    digits = load_digits()
+    x = torch.tensor(digits.images, dtype=torch.float32).div(16).unsqueeze(1).repeat(1, 3, 2, 2)  # real digits, 16 px
+    y = torch.tensor(digits.target) % 5
+    return torch.utils.data.TensorDataset(x[:500], y[:500]), torch.utils.data.TensorDataset(x[500:900], y[500:900])
+
+
+def model() -> torch.nn.Module:
+    return timm.create_model(
+        "vit_tiny_patch16_224",
+        pretrained=False,
+        img_size=16,
+        patch_size=4,
+        embed_dim=32,
+        depth=4,
+        num_heads=2,
+        num_classes=5,
+    )
+
+
+def main(out: Path, cache_dir: Path) -> None:
+    dist = current()
+    train, val = data()
+    loaders = [torch.utils.data.DataLoader(d, batch_size=32) for d in (train, val)]
+    for gates in ("hazard", "paper"):
+        torch.manual_seed(0)
+        ee = eexit.attach(model(), gates=gates)
+        eexit.fit(
+            ee,
+            *loaders,
+            lam=0.3,
+            epochs=3,
+            warmup_epochs=1,
+            batch_size=24,
+            phase_batches=2,
+            cache_dir=cache_dir,
+            progress=False,
+        )
+        if dist.is_main:
+            ee.save_pretrained(out / f"adapter-{gates}")
+            (out / f"history-{gates}.json").write_text(json.dumps(ee.history))
+    cache = disk_cache(ee, train, cache_dir, progress=False)
+    save_file(
+        {"features": torch.cat(cache.features, 1).float().contiguous(), "labels": cache.labels.clone()},
+        str(out / f"cache-rank{dist.rank}.safetensors"),
+    )
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]), Path(sys.argv[2]))
