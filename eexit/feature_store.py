@@ -222,6 +222,13 @@ def open_disk_cache(
     return cache
 
 
+def _size(num_bytes: int) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if num_bytes >= scale:
+            return f"{num_bytes / scale:.1f} {unit}"
+    return f"{num_bytes} B"
+
+
 def _as_bytes(tensor: torch.Tensor) -> bytes:
     return tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes()
 
@@ -284,10 +291,12 @@ def disk_cache(
         free = shutil.disk_usage(folder).free
         if free < total:
             raise EexitValueError(
-                f"caching {name} features needs {total / 1e9:.2f} GB on disk and {folder} has "
-                f"{free / 1e9:.2f} GB free; pass another cache folder (root=, --cache-dir or $EEXIT_CACHE)."
+                f"caching {name} features needs {_size(total)} on disk and {folder} has {_size(free)} free; "
+                "pass another cache folder (root=, --cache-dir or $EEXIT_CACHE)."
             )
-        message = f"eexit: caching {name} features ({n} samples, {total / 1e9:.3f} GB as {dtype}) in {folder}"
+        message = (
+            f"eexit: caching {name} features: {n} samples, {_size(total)} as {_DTYPES[dtype][0].lower()}, in {folder}"
+        )
         logger.info(message)
         if progress:
             tqdm.write(message)
