@@ -23,6 +23,7 @@ import hashlib
 import itertools
 import json
 import logging
+import mmap
 import os
 import shutil
 import struct
@@ -63,6 +64,24 @@ class DiskFeatureCache(FeatureCache):
 
     path: Path
     key: str
+
+    def take(
+        self, idx: torch.Tensor, device: torch.device | None = None
+    ) -> tuple[list[torch.Tensor], torch.Tensor | None, torch.Tensor]:
+        """Rows ``idx``, gathered from the file in ascending order (neighbouring rows share pages) and returned in
+        the order asked."""
+        order = torch.argsort(idx)
+        feats, final, labels = super().take(idx[order])
+        back = torch.empty_like(order)
+        back[order] = torch.arange(order.numel())
+        feats = [f[back] for f in feats]
+        final = final[back] if final is not None else None
+        labels = labels[back]
+        if device is not None:
+            feats = [f.to(device, non_blocking=True) for f in feats]
+            final = final.to(device, non_blocking=True) if final is not None else None
+            labels = labels.to(device, non_blocking=True)
+        return feats, final, labels
 
     def __repr__(self) -> str:
         widths = [f.shape[1] for f in self.features]
@@ -210,6 +229,11 @@ def open_disk_cache(
         lo, _ = entry["data_offsets"]
         # Copy-on-write mapping: writable (as torch.from_numpy wants) but never written back to the file.
         array = np.memmap(path, dtype=_NUMPY[entry["dtype"]], mode="c", offset=start + lo, shape=tuple(entry["shape"]))
+        # Training reads rows in random order: the kernel's read-ahead would pull in ~30 rows around each one and,
+        # once the file outgrows the page cache, evict what the next batch needs (measured: over 100x the file's
+        # size read in one shuffled pass under a 1 GB cgroup). MADV_RANDOM reads only the pages asked for.
+        if hasattr(mmap, "MADV_RANDOM") and getattr(array, "_mmap", None) is not None:
+            array._mmap.madvise(mmap.MADV_RANDOM)
         tensor = torch.from_numpy(array)
         tensors[name] = tensor.view(torch.bfloat16) if entry["dtype"] == "BF16" else tensor
     bounds = np.cumsum([0, *meta["widths"]])

@@ -442,8 +442,9 @@ def fit(
             safetensors + JSON, atomically) into this folder.
         resume: continue from the latest checkpoint in ``checkpoint_dir`` (a fresh start if there is none). The
             settings must be those of the interrupted fit; the result is the adapter an uninterrupted fit gives.
-        mixed_precision: ``"bf16"`` or ``"fp16"`` runs the backbone under ``torch.autocast`` (GPU); ``None`` or
-            ``"no"`` keeps full precision.
+        mixed_precision: ``"bf16"`` or ``"fp16"`` runs the backbone under ``torch.autocast`` (GPU); ``"no"``
+            keeps full precision; ``None`` takes what ``accelerate launch --mixed_precision`` set
+            (``$ACCELERATE_MIXED_PRECISION``).
 
     Returns:
         The per-epoch history (also stored as ``ee.history``): phase counts, training loss, validation
@@ -456,6 +457,8 @@ def fit(
     """
     if not isinstance(ee, EarlyExitModel):
         raise EexitTypeError(f"fit expects the EarlyExitModel from eexit.attach, got {type(ee).__name__}.")
+    if mixed_precision is None:  # `accelerate launch --mixed_precision bf16` says it through the environment
+        mixed_precision = os.environ.get("ACCELERATE_MIXED_PRECISION")
     if mixed_precision not in _AUTOCAST:
         raise EexitValueError(f"mixed_precision must be one of {list(_AUTOCAST)}, got {mixed_precision!r}.")
     if resume and checkpoint_dir is None:

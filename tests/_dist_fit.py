@@ -7,6 +7,7 @@ every rank, OUT/cache-rank<k>.safetensors with the feature cache it trained on.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -42,6 +43,8 @@ def model() -> torch.nn.Module:
 
 def main(out: Path, cache_dir: Path) -> None:
     dist = current()
+    if os.environ.get("EEXIT_TEST_DIE_RANK") == str(dist.rank):
+        raise SystemExit(f"rank {dist.rank} dies on purpose")
     train, val = data()
     loaders = [torch.utils.data.DataLoader(d, batch_size=32) for d in (train, val)]
     for gates in ("hazard", "paper"):

@@ -23,25 +23,29 @@ import _dist_fit  # noqa: E402  (the worker script, also a module)
 pytestmark = pytest.mark.slow
 
 
-def _run(cmd: list[str], tmp: Path) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE.parent)}
+def _run(cmd: list[str], tmp: Path, **env: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE.parent), **env}
     done = subprocess.run(cmd, env=env, cwd=tmp, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.returncode == 0 or "EEXIT_TEST_DIE_RANK" in env, done.stderr[-3000:]
+    return done
+
+
+def _launch(script_args: list[str]) -> list[str]:
+    accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent))
+    assert accelerate is not None, "accelerate's launcher is missing from the environment"
+    # On a machine without GPUs, accelerate's plain launcher starts one process whatever --num_processes says;
+    # --multi_gpu selects its torchrun launcher, which starts them all (and eexit picks gloo on CPU).
+    launch = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1"]
+    return [*launch, "--mixed_precision", "no", "--dynamo_backend", "no", str(HERE / "_dist_fit.py"), *script_args]
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[str, Path]:
     tmp = tmp_path_factory.mktemp("dist")
-    accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent))
-    assert accelerate is not None, "accelerate's launcher is missing from the environment"
     (tmp / "one").mkdir()
     (tmp / "two").mkdir()
     _run([sys.executable, str(HERE / "_dist_fit.py"), str(tmp / "one"), str(tmp / "cache1")], tmp)
-    # On a machine without GPUs, accelerate's plain launcher starts one process whatever --num_processes says;
-    # --multi_gpu selects its torchrun launcher, which starts them all (and eexit picks gloo on CPU).
-    launch = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1"]
-    launch += ["--mixed_precision", "no", "--dynamo_backend", "no"]
-    _run([*launch, str(HERE / "_dist_fit.py"), str(tmp / "two"), str(tmp / "cache2")], tmp)
+    _run(_launch([str(tmp / "two"), str(tmp / "cache2")]), tmp)
     return {"one": tmp / "one", "two": tmp / "two", "tmp": tmp}
 
 
@@ -84,3 +88,12 @@ def _model():
 
 def _val_loader():
     return torch.utils.data.DataLoader(_dist_fit.data()[1], batch_size=64)
+
+
+def test_a_rank_that_dies_stops_the_job_and_leaves_no_adapter_or_cache(tmp_path):
+    (tmp_path / "out").mkdir()
+    done = _run(_launch([str(tmp_path / "out"), str(tmp_path / "cache")]), tmp_path, EEXIT_TEST_DIE_RANK="1")
+    assert done.returncode != 0
+    assert "rank 1 dies on purpose" in done.stderr
+    assert not list((tmp_path / "out").iterdir())  # no adapter, nothing half-written
+    assert not list(tmp_path.glob("cache/*/cache.json"))  # no cache is marked finished
