@@ -206,12 +206,12 @@ def worker(out: str, cache_dir: str, train: int, val: int, epochs: int) -> None:
 
     dist = current()
     train_set, val_set = fashion(train, val)
-    ee = eexit.attach(backbone())
+    ee = eexit.attach(backbone(), gates="paper")  # SGD gates: the whole fit runs through the gradient exchange
     start = time.perf_counter()
     caches = [disk_cache(ee, d, cache_dir, name=n, progress=False) for d, n in ((train_set, "train"), (val_set, "val"))]
     built = time.perf_counter() - start
     start = time.perf_counter()
-    eexit.fit(ee, *caches, lam=0.3, epochs=epochs, warmup_epochs=1, batch_size=64, gates="paper", progress=False)
+    eexit.fit(ee, *caches, lam=0.3, epochs=epochs, warmup_epochs=1, batch_size=64, progress=False)
     fitted = time.perf_counter() - start
     if dist.is_main:
         ee.save_pretrained(Path(out) / "adapter")
@@ -242,7 +242,9 @@ def bench_ranks(args: argparse.Namespace) -> dict:
                 cmd = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
                        "--mixed_precision", "no", "--dynamo_backend", "no", __file__, *job]  # fmt: skip
                 env = {**os.environ, "OMP_NUM_THREADS": "1"}
-            subprocess.run(cmd, env=env, check=True, capture_output=True)
+            done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+            if done.returncode != 0:
+                raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr[-3000:]}")
             times = json.loads((out / "times.json").read_text())
             result[f"world{world}"] = {**times, "fit_s_per_epoch": times["fit_s"] / args.epochs}
         one = load_file(str(Path(tmp) / "w1" / "adapter" / "eexit_adapter.safetensors"))
@@ -273,6 +275,7 @@ def main() -> None:
     path = HERE / "scale.json"
     everything = json.loads(path.read_text()) if path.is_file() else {}
     key = args.part + (f"-limit{args.memory_limit}" if args.part == "store" and args.memory_limit else "")
+    key += f"-n{args.train}-e{args.epochs}" if args.part == "sweep" else ""
     everything[key] = {
         "result": result,
         "date": time.strftime("%Y-%m-%d %H:%M"),

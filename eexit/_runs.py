@@ -65,7 +65,7 @@ def load_backbone(
         kwargs = {} if num_classes is None else {"num_labels": num_classes, "ignore_mismatched_sizes": True}
         try:
             backbone = AutoModelForImageClassification.from_pretrained(name, use_safetensors=True, **kwargs)
-        except OSError as err:
+        except (OSError, ValueError) as err:
             raise EexitValueError(
                 f"--model {model!r}: cannot read a transformers image classifier there ({err}). Give a folder "
                 "written by save_pretrained with model.safetensors."
@@ -127,4 +127,9 @@ def read_run(folder: str | os.PathLike[str]) -> dict[str, Any]:
         raise EexitValueError(
             f"{folder} is not an eexit run folder ({RUN_FILE} missing); give the --out of `eexit fit`."
         )
-    return json.loads(path.read_text())
+    try:
+        run = json.loads(path.read_text())
+        _ = run["model"], run["checkpoint"], run["num_classes"], run["val_dataset"]
+    except (ValueError, KeyError, TypeError) as err:
+        raise EexitValueError(f"{path} is damaged ({err!r}); run `eexit fit` again into a new folder.") from err
+    return run

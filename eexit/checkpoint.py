@@ -1,6 +1,6 @@
 """Epoch checkpoints of :func:`eexit.fit`, so a killed fit resumes where its last epoch ended.
 
-A checkpoint is a folder ``epoch-<k>/`` with ``state.safetensors`` (every tensor: the adapter, the best epoch's
+A checkpoint is a folder ``epoch-<k>-<tag>/`` with ``state.safetensors`` (every tensor: the adapter, the best epoch's
 adapter, the optimiser's buffers, the random generators' states) and ``state.json`` (everything else: epoch,
 phase counter, history, the optimiser's hyper-parameters). Only safetensors and JSON are read back, so resuming
 never unpickles anything. The folder is written under a temporary name and renamed, then ``latest.json`` is
@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .errors import EexitValueError
@@ -59,7 +60,10 @@ def write_checkpoint(
     """Write epoch ``epoch``'s checkpoint atomically and make it the latest; older ones are removed."""
     root = Path(folder)
     root.mkdir(parents=True, exist_ok=True)
-    staged = root / f".epoch-{epoch}.{uuid.uuid4().hex}.tmp"
+    for stale in root.glob(".epoch-*.tmp"):  # left by a fit killed while saving
+        shutil.rmtree(stale, ignore_errors=True)
+    tag = uuid.uuid4().hex[:8]
+    staged = root / f".epoch-{epoch}-{tag}.tmp"
     staged.mkdir()
     try:
         save_file({k: v.detach().cpu().clone() for k, v in tensors.items()}, str(staged / "state.safetensors"))
@@ -67,9 +71,7 @@ def write_checkpoint(
         for name in ("state.safetensors", "state.json"):
             with open(staged / name, "rb") as handle:
                 os.fsync(handle.fileno())
-        final = root / f"epoch-{epoch}"
-        if final.exists():
-            shutil.rmtree(final)
+        final = root / f"epoch-{epoch}-{tag}"  # a new name: the latest checkpoint stays whole until the switch
         os.replace(staged, final)
         pointer = root / f".{_LATEST}.{uuid.uuid4().hex}.tmp"
         pointer.write_text(json.dumps({"latest": final.name}))
@@ -94,7 +96,7 @@ def read_checkpoint(folder: str | os.PathLike[str]) -> tuple[dict[str, torch.Ten
         path = root / name
         meta = json.loads((path / "state.json").read_text())
         tensors = load_file(str(path / "state.safetensors"))
-    except (OSError, ValueError, KeyError) as err:
+    except (OSError, ValueError, KeyError, SafetensorError) as err:
         raise EexitValueError(
             f"the checkpoint in {root} cannot be read ({type(err).__name__}: {err}); delete the folder to start "
             "the fit from scratch."

@@ -156,6 +156,9 @@ def main(argv: list[str] | None = None) -> int:
     except EexitError as err:
         print(f"eexit {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # a folder that cannot be written, a full disk: not a bug, one line is enough
+        print(f"eexit {args.command}: error: {err}", file=sys.stderr)
+        return 1
 
 
 def _dispatch(args: argparse.Namespace) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import warnings
 from pathlib import Path
 from typing import Any
@@ -11,7 +12,7 @@ import torch
 
 from ._runs import RUN_FILE, load_backbone, read_run, write_json
 from .attaching import attach, from_pretrained
-from .distributed import current
+from .distributed import Dist, current
 from .errors import EexitValueError
 from .evaluation import CollectedOutputs, collect_outputs, evaluate_outputs
 from .feature_store import default_cache_dir, disk_cache
@@ -31,11 +32,20 @@ def _loader(dataset: Any, args: argparse.Namespace, shuffle: bool = False) -> to
     )
 
 
+def _device() -> torch.device:
+    """This process's accelerator (its launcher's LOCAL_RANK picks the GPU), else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
 def _attach(args: argparse.Namespace) -> tuple[EarlyExitModel, torch.nn.Module]:
+    current()  # under a launcher: join the process group (and bind this rank's GPU) before anything runs
     backbone = load_backbone(args.model, args.checkpoint, args.num_classes, args.model_kwargs)
     torch.manual_seed(args.seed)
     extra = {"exit_blocks": args.exit_blocks} if args.exit_blocks else {}
-    return attach(backbone, gates=args.gates, head=args.head, **extra), backbone
+    ee = attach(backbone, gates=args.gates, head=args.head, **extra)
+    return ee.to(_device()), backbone
 
 
 def _run_record(args: argparse.Namespace, **extra: Any) -> dict[str, Any]:
@@ -91,7 +101,8 @@ def _plot(curves: dict[str, list[tuple[float, float]]], backbone_accuracy: float
 def _val_outputs(ee: EarlyExitModel, val: Any, args: argparse.Namespace, cache_dir: Path) -> CollectedOutputs:
     if args.train_backbone:
         return collect_outputs(ee, _loader(val, args), progress=True, name="val")
-    return collect_outputs(ee, disk_cache(ee, val, cache_dir, name="val", batch_size=args.batch_size, progress=False))
+    cache = disk_cache(ee, val, cache_dir, name="val", batch_size=args.batch_size, progress=False, dist=Dist())
+    return collect_outputs(ee, cache)
 
 
 def fit(args: argparse.Namespace) -> int:
@@ -99,7 +110,7 @@ def fit(args: argparse.Namespace) -> int:
     from .train import fit as fit_exits
 
     out = Path(args.out)
-    if (out / RUN_FILE).exists() and not args.resume:
+    if ((out / RUN_FILE).exists() or (out / "checkpoints" / "latest.json").exists()) and not args.resume:
         raise EexitValueError(f"--out {out} already holds a run; pass --resume to continue it, or another folder.")
     dist = current()
     ee, backbone = _attach(args)
@@ -138,7 +149,6 @@ def fit(args: argparse.Namespace) -> int:
         )
         print(report.to_markdown())
         print(f"\nadapter, run.json, results.json and accuracy_cost.png written to {out}")
-    dist.barrier()
     return 0
 
 
@@ -162,9 +172,12 @@ def sweep(args: argparse.Namespace) -> int:
     ):
         if spec is not None:
             data = load_image_dataset(spec, backbone, ee.num_classes, split=split)
-            caches[name] = disk_cache(ee, data, cache_dir, name=name, batch_size=args.batch_size, dist=dist)
+            autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.mixed_precision)
+            caches[name] = disk_cache(
+                ee, data, cache_dir, name=name, batch_size=args.batch_size, autocast=autocast, dist=dist
+            )
     settings = _fit_settings(args)
-    settings.pop("mixed_precision")
+    settings.pop("mixed_precision")  # the backbone ran once, for the caches above
     settings.pop("train_backbone")
     result = sweep_lambda(ee, caches["train"], caches["val"], args.lams, test_loader=caches.get("test"), **settings)
     if dist.is_main:
@@ -193,7 +206,6 @@ def sweep(args: argparse.Namespace) -> int:
         backbone_accuracy = getattr(result.points[0], split).backbone_accuracy
         _plot({"gates, one adapter per λ": result.curve(split)}, backbone_accuracy, out / "accuracy_cost.png", split)
         print(f"\n{len(points)} adapters, results.json and accuracy_cost.png written to {out}")
-    dist.barrier()
     return 0
 
 
@@ -203,7 +215,7 @@ def evaluate(args: argparse.Namespace) -> int:
 
     run = read_run(args.run)
     backbone = load_backbone(run["model"], run["checkpoint"], run["num_classes"], run.get("model_kwargs"))
-    ee = from_pretrained(backbone, args.run)
+    ee = from_pretrained(backbone, args.run).to(_device())
     data = load_image_dataset(args.dataset, backbone, ee.num_classes, split=args.split)
     cal_spec = args.calibration_dataset or run["val_dataset"]
     cal_split = run["val_split"] if args.calibration_dataset is None else None

@@ -94,6 +94,37 @@ class Dist:
             offset += n
         return flat[-1].to(loss.device)
 
+    def broadcast_text(self, text: str) -> str:
+        """Rank 0's ``text`` on every rank (as bytes in a tensor: nothing is pickled)."""
+        if not self.active:
+            return text
+        device = self._device()
+        data = torch.tensor(list(text.encode()), dtype=torch.uint8, device=device)
+        size = torch.tensor([data.numel()], dtype=torch.int64, device=device)
+        torch.distributed.broadcast(size, src=0)
+        if self.rank != 0:
+            data = torch.empty(int(size.item()), dtype=torch.uint8, device=device)
+        torch.distributed.broadcast(data, src=0)
+        return bytes(data.cpu().tolist()).decode()
+
+    def agree(self, error: BaseException | None, what: str) -> None:
+        """Raise on every rank when any rank failed at ``what`` (so no rank waits forever in a collective).
+
+        Each rank passes the exception its own part raised (or ``None``); the failing rank re-raises its own,
+        the others raise a :class:`~eexit.errors.EexitError` pointing at it.
+        """
+        if not self.active:
+            if error is not None:
+                raise error
+            return
+        failed = self.max(torch.tensor([0.0 if error is None else 1.0 + self.rank]))
+        if error is not None:
+            raise error
+        if failed.item() > 0:
+            from .errors import TrainingError
+
+            raise TrainingError(f"rank {int(failed.item()) - 1} failed while {what}; see its error above.")
+
     def broadcast_(self, tensors: Sequence[torch.Tensor]) -> None:
         """Overwrite ``tensors`` in place with rank 0's values."""
         if not self.active:

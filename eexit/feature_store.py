@@ -28,6 +28,7 @@ import os
 import shutil
 import struct
 import uuid
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -96,10 +97,10 @@ def default_cache_dir() -> Path:
 def data_fingerprint(dataset: Any) -> str:
     """A digest of what a dataset yields, for the cache key.
 
-    Uses the dataset's own ``fingerprint`` (:func:`eexit.image_data.load_image_dataset`) or ``_fingerprint``
-    (Hugging Face ``datasets``); a torchvision folder dataset's file list and transform; a ``TensorDataset``'s
-    bytes; otherwise the type, the length and the bytes of 8 evenly spaced items. The last is a heuristic:
-    pass ``data_key=`` to :func:`disk_cache` when the dataset changes in ways those items do not show.
+    Uses the dataset's own ``fingerprint`` attribute (set by :func:`eexit.image_data.load_image_dataset`; set it
+    yourself on any dataset) or ``_fingerprint`` (Hugging Face ``datasets``); a torchvision folder dataset's file
+    list and transform; a ``TensorDataset``'s bytes; a ``Subset``'s dataset and indices; otherwise the type, the
+    length and the bytes of 8 evenly spaced items, with a warning: that last is a heuristic.
     """
     digest = hashlib.sha256(type(dataset).__name__.encode())
     for attr in ("fingerprint", "_fingerprint"):
@@ -120,6 +121,19 @@ def data_fingerprint(dataset: Any) -> str:
             digest.update(f"{t.dtype}{tuple(t.shape)}".encode())
             digest.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
         return digest.hexdigest()
+    indices = getattr(dataset, "indices", None)
+    inner = getattr(dataset, "dataset", None)
+    if indices is not None and inner is not None:  # torch.utils.data.Subset
+        digest.update(data_fingerprint(inner).encode())
+        digest.update(np.asarray(list(indices), dtype=np.int64).tobytes())
+        return digest.hexdigest()
+    warnings.warn(
+        f"the feature cache identifies this {type(dataset).__name__} by its length and 8 sampled items; if its items "
+        "can change without those changing (or are random, e.g. augmented), set dataset.fingerprint = '<a name for "
+        "this exact data>' so a stale cache is never reused.",
+        UserWarning,
+        stacklevel=3,
+    )
     n = len(dataset)
     digest.update(str(n).encode())
     for i in sorted({int(k * (n - 1) / 7) for k in range(8)} if n else set()):
@@ -141,8 +155,11 @@ def _leaves(item: Any) -> list[bytes]:
     return [repr(item).encode()]
 
 
-def cache_key(ee: EarlyExitModel, data_key: str, dtype: torch.dtype = torch.float16) -> str:
-    """The key a disk cache is stored and found under: backbone weights, exit placement, data and dtype."""
+def cache_key(
+    ee: EarlyExitModel, data_key: str, dtype: torch.dtype = torch.float16, autocast: torch.dtype | None = None
+) -> str:
+    """The key a disk cache is stored and found under: backbone weights, exit placement, data, stored dtype and the
+    precision the backbone ran in."""
     widths, with_head = ee.feature_layout()
     placement = {
         "format": _FORMAT,
@@ -151,6 +168,7 @@ def cache_key(ee: EarlyExitModel, data_key: str, dtype: torch.dtype = torch.floa
         "widths": widths,
         "head_logits": ee.num_classes if with_head else 0,
         "dtype": _DTYPES[dtype][0],
+        "autocast": str(autocast) if autocast is not None else None,
         "backbone": backbone_fingerprint(ee.backbone),
         "data": data_key,
     }
@@ -202,7 +220,11 @@ def open_disk_cache(
             f"{folder} holds no finished feature cache ({_META} or {_TENSORS} missing); build it with "
             "eexit.feature_store.disk_cache(ee, dataset, root)."
         )
-    meta = json.loads(meta_path.read_text())
+    try:
+        meta = json.loads(meta_path.read_text())
+        _ = meta["key"], meta["widths"], meta["dtype"]  # present in every finished cache
+    except (ValueError, KeyError, TypeError) as err:
+        raise EexitValueError(f"{meta_path} is damaged ({err!r}); delete {folder} to build the cache again.") from err
     if meta.get("format") != _FORMAT:
         raise EexitValueError(f"{meta_path}: not an {_FORMAT} cache (format {meta.get('format')!r}).")
     if ee is not None:
@@ -213,8 +235,14 @@ def open_disk_cache(
                 f"{meta['key'][:12]}…, this model and data give {cache_key(ee, data_key, dtype)[:12]}…). Its features "
                 "would be wrong for this model: build a new cache (another folder, or delete this one)."
             )
+        if meta.get("backbone") not in (None, backbone_fingerprint(ee.backbone)):
+            raise EexitValueError(
+                f"the feature cache at {folder} was made from other backbone weights; its features would be wrong for "
+                "this model. Build a new cache (another folder, or delete this one)."
+            )
         widths, with_head = ee.feature_layout()
-        if meta["widths"] != widths or bool(meta["head_logits"]) != with_head:
+        placement_differs = meta.get("exit_blocks") not in (None, list(ee.exit_blocks))
+        if placement_differs or meta["widths"] != widths or bool(meta["head_logits"]) != with_head:
             raise EexitValueError(
                 f"the feature cache at {folder} stores exits of widths {meta['widths']}, this model's exits read "
                 f"{widths}: it was made for another exit placement. Build a new cache."
@@ -303,14 +331,21 @@ def disk_cache(
     n = len(dataset)
     if n == 0:
         raise EexitValueError(f"{name} is empty; give it at least one sample.")
-    key = cache_key(ee, data_key or data_fingerprint(dataset), dtype)
+    if data_key is None:
+        data_key = data_fingerprint(dataset)
+    # Rank 0's key for everyone: a dataset whose sampled items differ between processes (random transforms)
+    # would otherwise give each rank another folder.
+    key = dist.broadcast_text(cache_key(ee, data_key, dtype, autocast))
     folder = Path(root or default_cache_dir()) / key[:32]
-    if (folder / _META).is_file():
+    if dist.broadcast_text(str((folder / _META).is_file())) == "True":  # rank 0 decides: all build, or none
         return open_disk_cache(folder)
     head, entries = _header(_layout(ee, n, dtype), key)
     total = entries["labels"]["data_offsets"][1]
-    path = folder / _TENSORS
-    if dist.is_main:
+    error: BaseException | None = None
+    # The rows go into a file private to this build; it becomes the cache only once every rank has written its
+    # rows, so a concurrent build of the same cache, or a killed one, never leaves a half-written file in place.
+    partial = folder / dist.broadcast_text(f".{_TENSORS}.{uuid.uuid4().hex}.tmp")
+    try:
         folder.mkdir(parents=True, exist_ok=True)
         free = shutil.disk_usage(folder).free
         if free < total:
@@ -318,22 +353,29 @@ def disk_cache(
                 f"caching {name} features needs {_size(total)} on disk and {folder} has {_size(free)} free; "
                 "pass another cache folder (root=, --cache-dir or $EEXIT_CACHE)."
             )
-        message = (
-            f"eexit: caching {name} features: {n} samples, {_size(total)} as {_DTYPES[dtype][0].lower()}, in {folder}"
-        )
-        logger.info(message)
-        if progress:
-            tqdm.write(message)
-        partial = folder / f".{_TENSORS}.{uuid.uuid4().hex}.tmp"
-        with open(partial, "wb") as handle:
-            handle.write(head)
-            handle.truncate(len(head) + total)  # sparse: rows are written by rank below
-        os.replace(partial, path)
-    dist.barrier()
-    _write_rows(
-        ee, dataset, path, len(head), entries, dist, name, batch_size, num_workers, collate_fn, autocast, progress
-    )
-    dist.barrier()
+        if dist.is_main:
+            kind = _DTYPES[dtype][0].lower()
+            message = f"eexit: caching {name} features: {n} samples, {_size(total)} as {kind}, in {folder}"
+            logger.info(message)
+            if progress:
+                tqdm.write(message)
+            with open(partial, "wb") as handle:
+                handle.write(head)
+                handle.truncate(len(head) + total)  # sparse: the ranks write the rows below
+    except Exception as err:  # re-raised by agree: here, and as a pointer to this rank on the others
+        error = err
+    dist.agree(error, f"preparing the {name} feature cache")
+    try:
+        if not partial.is_file():
+            raise EexitValueError(
+                f"{partial} is not visible from rank {dist.rank}: the cache folder must be on a file system every "
+                "process sees (pass --cache-dir / cache_dir= on shared storage)."
+            )
+        args = (ee, dataset, partial, len(head), entries, dist, name, batch_size, num_workers, collate_fn)
+        _write_rows(*args, autocast, progress)
+    except Exception as err:
+        error = err
+    dist.agree(error, f"caching {name} features")
     if dist.is_main:
         widths, with_head = ee.feature_layout()
         meta = {
@@ -345,7 +387,10 @@ def disk_cache(
             "head_logits": ee.num_classes if with_head else 0,
             "dtype": _DTYPES[dtype][0],
             "bytes": total,
+            "backbone": backbone_fingerprint(ee.backbone),
+            "exit_blocks": list(ee.exit_blocks),
         }
+        os.replace(partial, folder / _TENSORS)
         staged = folder / f".{_META}.{uuid.uuid4().hex}.tmp"
         staged.write_text(json.dumps(meta, indent=2))
         os.replace(staged, folder / _META)  # the build is finished only once this file exists
@@ -397,11 +442,24 @@ def _write_rows(
             parts = {"features": torch.cat([f.float() for f in feats], dim=1).to(dtype), "labels": labels}
             if "final_logits" in entries:
                 parts["final_logits"] = final.float().to(dtype)
+            for key in ("features", "final_logits"):
+                if key in parts and not bool(torch.isfinite(parts[key]).all()):
+                    raise EexitValueError(
+                        f"{name}: some exit features of samples {index}..{index + labels.shape[0] - 1} are not finite "
+                        f"once stored as {dtype} (values beyond its range); build the cache with "
+                        "dtype=torch.bfloat16 or torch.float32."
+                    )
             for key, tensor in parts.items():
                 os.pwrite(fd, _as_bytes(tensor), start + entries[key]["data_offsets"][0] + index * row[key])
             index += labels.shape[0]
             bar.update(labels.shape[0])
         bar.close()
+        if index != hi:
+            raise EexitValueError(
+                f"{name}: the loader gave {index - lo} samples for rows {lo}..{hi - 1} ({hi - lo} expected); a "
+                "collate_fn that drops samples would shift every later row's features and label. Filter the dataset "
+                "instead."
+            )
         os.fsync(fd)
     finally:
         os.close(fd)

@@ -25,7 +25,7 @@ import math
 import os
 import warnings
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -199,6 +199,11 @@ def _batches(
             with torch.set_grad_enabled(grad):
                 yield ee.outputs_from_features(feats, final), labels, idx.numel()
         return
+    if dist.active and type(getattr(source, "sampler", None)).__name__ == "DistributedSampler":
+        raise EexitValueError(
+            "the loader has a DistributedSampler, but eexit splits every batch over the processes itself: give every "
+            "process the same loader over all the data (no DistributedSampler, no accelerator.prepare)."
+        )
     for batch in source:
         images, labels = unpack_batch(batch)
         images = check_images(images, "train_loader" if grad else "val_loader")
@@ -216,7 +221,11 @@ def _batches(
 
 @torch.no_grad()
 def _validate(
-    ee: EarlyExitModel, source: FeatureCache | Iterable[Any], config: FitConfig, dist: Dist
+    ee: EarlyExitModel,
+    source: FeatureCache | Iterable[Any],
+    config: FitConfig,
+    dist: Dist,
+    best_exits: list[torch.Tensor] | None = None,
 ) -> tuple[dict[str, float], torch.Tensor]:
     """:func:`validate` over every process's share of the data: sums and l* counts reduced over the ranks."""
     was_training = ee.training
@@ -232,6 +241,8 @@ def _validate(
         ce = per_exit_ce(out.logits, labels)  # [E, B]
         best = optimal_exit(exit_costs(ce, price.to(ce.device), config.lam))
         counts += torch.bincount(best.cpu(), minlength=ee.num_exits).double()
+        if best_exits is not None:
+            best_exits.append(best.cpu())
         taken = decide_exits(out.logits, out.gate_logits, policy)  # [B]
         cols = torch.arange(labels.shape[0], device=labels.device)
         pred = out.logits[taken, cols].argmax(-1)
@@ -250,14 +261,16 @@ def _validate(
 def validate(
     ee: EarlyExitModel, source: FeatureCache | Iterable[Any], config: FitConfig
 ) -> tuple[dict[str, float], torch.Tensor]:
-    """Validation metrics under the deterministic exit rule, and how many samples have each exit as their best l*.
+    """Validation metrics under the deterministic exit rule, and each sample's best exit l* (for r_j).
 
     Returns:
-        (metrics, counts): metrics has ``accuracy``, ``cost_fraction`` (mean measured IC) and ``objective``
+        (metrics, best_exit): metrics has ``accuracy``, ``cost_fraction`` (mean measured IC) and ``objective``
         (mean of CE + λ·IC at the exit taken with the priced IC of ``config.ic``, the quantity model selection
-        minimises); ``counts`` ``[E]`` (float64) the number of samples whose l* is each exit (for r_j).
+        minimises); ``best_exit`` ``[N]``.
     """
-    return _validate(ee, source, config, Dist())
+    best: list[torch.Tensor] = []
+    metrics, _ = _validate(ee, source, config, Dist(), best)
+    return metrics, torch.cat(best)
 
 
 class _GateStream:
@@ -380,12 +393,7 @@ def _feature_cache(
         return loader
     if cache_dir is None and not dist.active:
         return FeatureCache.collect(ee, loader, name, config.progress)
-    dataset = getattr(loader, "dataset", None)
-    if dataset is None or not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__"):
-        raise EexitValueError(
-            f"{name}: the disk feature cache (cache_dir=, or several processes) reads a DataLoader over a map-style "
-            f"dataset, got {type(loader).__name__}. Pass a torch DataLoader, or a FeatureCache you collected."
-        )
+    dataset = _cached_dataset(loader, name)
     batch_size = getattr(loader, "batch_size", None) or config.batch_size
     return disk_cache(
         ee,
@@ -398,6 +406,39 @@ def _feature_cache(
         autocast=autocast,
         progress=config.progress,
         dist=dist,
+    )
+
+
+def _cached_dataset(loader: Iterable[Any], name: str) -> Any:
+    """What the loader yields, as the map-style dataset the disk cache stores: its dataset, or the subset its
+    sampler draws from. Samplers that repeat, weight or shard items have no such dataset and are refused."""
+    from torch.utils.data import DistributedSampler, RandomSampler, SequentialSampler, Subset, SubsetRandomSampler
+
+    dataset = getattr(loader, "dataset", None)
+    if dataset is None or not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__"):
+        raise EexitValueError(
+            f"{name}: the disk feature cache (cache_dir=, or several processes) reads a DataLoader over a map-style "
+            f"dataset, got {type(loader).__name__}. Pass a torch DataLoader, or a FeatureCache you collected."
+        )
+    sampler = getattr(loader, "sampler", None)
+    if getattr(loader, "batch_sampler", None) is not None and type(loader.batch_sampler).__name__ != "BatchSampler":
+        sampler = loader.batch_sampler  # a custom batch sampler decides which items come
+    if sampler is None or isinstance(sampler, SequentialSampler):
+        return dataset
+    if isinstance(sampler, RandomSampler) and not sampler.replacement and sampler.num_samples == len(dataset):
+        return dataset  # the cache shuffles by itself
+    if isinstance(sampler, SubsetRandomSampler):
+        return Subset(dataset, sorted(int(i) for i in sampler.indices))
+    why = (
+        "it already splits the data over the processes; give every process the same loader over all the data "
+        "(eexit splits each batch itself)"
+        if isinstance(sampler, DistributedSampler)
+        else "it repeats, weights or otherwise picks items, which a cache of each item once cannot reproduce"
+    )
+    raise EexitValueError(
+        f"{name}: the feature cache stores each item of loader.dataset once, but this loader's sampler "
+        f"({type(sampler).__name__}) {why}. Pass a loader over exactly the data to cache (e.g. "
+        "DataLoader(Subset(dataset, indices))), or cache_features=False."
     )
 
 
@@ -422,7 +463,9 @@ def fit(
     Under a multi-process launcher (``accelerate launch --num_processes N``, ``torchrun``) the same call trains
     on N processes: each computes its share of every global batch (the loaders' batches, or ``batch_size`` rows
     of the feature cache), gradients and validation sums are reduced over the processes, and the result is the
-    adapter one process gives with the same global batch. The frozen backbone is never wrapped; only the
+    adapter one process gives with the same global batch and the same cache (several processes always cache on
+    disk, in fp16 unless told otherwise; one process without ``cache_dir`` keeps full-precision features in RAM,
+    which moves the result by about the fp16 rounding). The frozen backbone is never wrapped; only the
     exits' gradients are exchanged (``eexit.distributed``). Save the adapter from the main process only
     (``eexit.distributed.current().is_main``).
 
@@ -441,7 +484,9 @@ def fit(
         checkpoint_dir: write a checkpoint after every epoch (adapter, optimiser, random states, counters;
             safetensors + JSON, atomically) into this folder.
         resume: continue from the latest checkpoint in ``checkpoint_dir`` (a fresh start if there is none). The
-            settings must be those of the interrupted fit; the result is the adapter an uninterrupted fit gives.
+            settings, backbone and data must be those of the interrupted fit. On cached features the result is the
+            adapter an uninterrupted fit gives; on a loader (``train_backbone``) the loader's own shuffling is not
+            in the checkpoint, so the data order after the resume differs.
         mixed_precision: ``"bf16"`` or ``"fp16"`` runs the backbone under ``torch.autocast`` (GPU); ``"no"``
             keeps full precision; ``None`` takes what ``accelerate launch --mixed_precision`` set
             (``$ACCELERATE_MIXED_PRECISION``).
@@ -501,10 +546,24 @@ class _Run:
     cache_dir: str | os.PathLike[str] | None
     checkpoint_dir: str | os.PathLike[str] | None
     resume: bool
+    identity: dict[str, Any] = field(default_factory=dict)  # what a checkpoint must match: backbone and data
 
 
 def _config_digest(config: FitConfig) -> dict[str, Any]:
-    return {k: v for k, v in config.to_dict().items() if k != "progress"}
+    """The settings that decide what a fit computes (not how it shows progress, nor which eexit wrote it)."""
+    skip = {"progress", "eexit_version", "format_version"}
+    return {k: v for k, v in config.to_dict().items() if k not in skip}
+
+
+def _data_identity(source: Any) -> Any:
+    """What a checkpoint records of a split, to refuse resuming on other data."""
+    key = getattr(source, "key", None)  # a disk cache
+    if isinstance(key, str):
+        return key
+    try:
+        return len(source.dataset) if hasattr(source, "dataset") else len(source)
+    except TypeError:
+        return None
 
 
 def _save_checkpoint(
@@ -526,12 +585,10 @@ def _save_checkpoint(
     tensors.update(optim_tensors)
     tensors["rng.generator"] = generator.get_state()
     tensors["rng.torch"] = torch.get_rng_state()
-    meta = {
-        "config": _config_digest(config),
-        "backbone": backbone_fingerprint(ee.backbone) if not config.train_backbone else None,
-        "optimizer": optim_plain,
-        **counters,
-    }
+    if torch.cuda.is_available():
+        for i, state in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda.{i}"] = state
+    meta = {"config": _config_digest(config), "optimizer": optim_plain, **run.identity, **counters}
     write_checkpoint(run.checkpoint_dir, epoch, tensors, meta)  # type: ignore[arg-type]
 
 
@@ -547,16 +604,23 @@ def _load_checkpoint(
     if found is None:
         return None
     tensors, meta = found
-    if meta["config"] != _config_digest(config):
-        changed = sorted(k for k in meta["config"] if meta["config"][k] != _config_digest(config).get(k))
+    current = _config_digest(config)
+    if meta.get("config") != current:
+        saved = meta.get("config") or {}
+        changed = sorted(k for k in {*saved, *current} if saved.get(k) != current.get(k))
         raise EexitValueError(
             f"the checkpoint in {run.checkpoint_dir} was written by a fit with other settings ({changed}); resume "
             "with the same settings, or use another checkpoint_dir to start afresh."
         )
-    if meta["backbone"] is not None and meta["backbone"] != backbone_fingerprint(ee.backbone):
+    if meta.get("backbone") != run.identity["backbone"]:
         raise EexitValueError(
             f"the checkpoint in {run.checkpoint_dir} was written for another backbone (its weights differ); resume "
             "on the same backbone, or use another checkpoint_dir."
+        )
+    if meta.get("data") != run.identity["data"]:
+        raise EexitValueError(
+            f"the checkpoint in {run.checkpoint_dir} was written by a fit on other data (train/val {meta.get('data')}, "
+            f"now {run.identity['data']}); resume on the same data, or use another checkpoint_dir."
         )
 
     def part(prefix: str) -> dict[str, torch.Tensor]:
@@ -570,6 +634,9 @@ def _load_checkpoint(
     load_optimizer_state(optimizer, tensors, meta["optimizer"])
     generator.set_state(tensors["rng.generator"])
     torch.set_rng_state(tensors["rng.torch"])
+    cuda = [tensors[f"rng.cuda.{i}"] for i in range(torch.cuda.device_count()) if f"rng.cuda.{i}" in tensors]
+    if cuda and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
     return int(meta["epoch"]) + 1, meta, best
 
 
@@ -601,16 +668,32 @@ def _fit_loop(
     history: list[dict[str, float]] = []
     step, start = 0, 0
     gate_passes = gate_position = 0
+    if run.checkpoint_dir is not None:  # what a checkpoint must match to be resumed; hashed once per fit
+        fingerprint = None if config.train_backbone else backbone_fingerprint(ee.backbone)
+        run.identity = {"backbone": fingerprint, "data": [_data_identity(train_src), _data_identity(val_src)]}
     if run.resume:
-        restored = _load_checkpoint(ee, run, config, optimizer, generator)
-        if restored is not None:
-            start, counters, best_state = restored
-            step, history = counters["step"], counters["history"]
-            best_objective = counters["best_objective"] if counters["best_objective"] is not None else math.inf
-            gate_passes, gate_position = counters["gate_passes"], counters["gate_position"]
-            pos_weight = torch.tensor(counters["pos_weight"], device=device)
-            good = _snapshot(ee, config.train_backbone)
-            logger.info("resuming at epoch %d/%d from %s", start + 1, config.epochs, run.checkpoint_dir)
+        error: BaseException | None = None
+        try:
+            restored = _load_checkpoint(ee, run, config, optimizer, generator)
+            if restored is not None:
+                start, counters, best_state = restored
+                step, history = counters["step"], counters["history"]
+                best_objective = counters["best_objective"] if counters["best_objective"] is not None else math.inf
+                gate_passes, gate_position = counters["gate_passes"], counters["gate_position"]
+                pos_weight = torch.tensor(counters["pos_weight"], device=device)
+                good = _snapshot(ee, config.train_backbone)
+                logger.info("resuming at epoch %d/%d from %s", start + 1, config.epochs, run.checkpoint_dir)
+        except KeyError as err:
+            error = EexitValueError(f"the checkpoint in {run.checkpoint_dir} lacks {err}; delete it to start afresh.")
+        except Exception as err:
+            error = err
+        dist.agree(error, "reading the checkpoint")
+        first = torch.tensor([float(start)])
+        if dist.max(first).item() != -dist.max(-first).item():
+            raise EexitValueError(
+                f"the processes found different checkpoints in {run.checkpoint_dir} (or none): checkpoint_dir must be "
+                "on a file system every process sees."
+            )
     gate_batches = _GateStream(ee, gate_src, config, dist, gate_passes, gate_position)
     bar = tqdm(
         range(start, config.epochs),
@@ -679,16 +762,22 @@ def _fit_loop(
         good = _snapshot(ee, config.train_backbone)
         if epoch >= config.warmup_epochs and metrics["objective"] < best_objective:
             best_objective, best_state = metrics["objective"], good
-        if run.checkpoint_dir is not None and dist.is_main:
-            counters = {
-                "step": step,
-                "history": history,
-                "best_objective": best_objective if math.isfinite(best_objective) else None,
-                "gate_passes": gate_batches.passes,
-                "gate_position": gate_batches.position,
-                "pos_weight": pos_weight.tolist(),
-            }
-            _save_checkpoint(ee, run, config, epoch, optimizer, generator, counters, best_state)
+        if run.checkpoint_dir is not None:
+            error = None
+            if dist.is_main:
+                counters = {
+                    "step": step,
+                    "history": history,
+                    "best_objective": best_objective if math.isfinite(best_objective) else None,
+                    "gate_passes": gate_batches.passes,
+                    "gate_position": gate_batches.position,
+                    "pos_weight": pos_weight.tolist(),
+                }
+                try:
+                    _save_checkpoint(ee, run, config, epoch, optimizer, generator, counters, best_state)
+                except Exception as err:  # a full disk, say: every rank stops, none waits in the next epoch
+                    error = err
+            dist.agree(error, f"writing the checkpoint of epoch {epoch}")
     if config.select == "best" and math.isfinite(best_objective):
         _restore(ee, best_state)
     return history

@@ -1,7 +1,8 @@
 """A fit of a tiny backbone's exits, run by the distributed tests as a script (one process or under a launcher).
 
-Usage: python tests/_dist_fit.py OUT CACHE_DIR. Writes OUT/adapter-{hazard,paper} (main process only) and, on
-every rank, OUT/cache-rank<k>.safetensors with the feature cache it trained on.
+Usage: python tests/_dist_fit.py OUT CACHE_DIR. Writes OUT/adapter-{hazard,paper,backbone} and
+OUT/backbone.safetensors (main process only) and, on every rank, OUT/cache-rank<k>.safetensors with the feature
+cache it trained on.
 """
 
 from __future__ import annotations
@@ -64,6 +65,16 @@ def main(out: Path, cache_dir: Path) -> None:
         if dist.is_main:
             ee.save_pretrained(out / f"adapter-{gates}")
             (out / f"history-{gates}.json").write_text(json.dumps(ee.history))
+    # End to end: the backbone trains too (no cache; each rank runs its share of every loader batch).
+    torch.manual_seed(0)
+    ee_bb = eexit.attach(model(), gates="paper")
+    small = [torch.utils.data.DataLoader(torch.utils.data.Subset(d, range(96)), batch_size=32) for d in (train, val)]
+    eexit.fit(ee_bb, *small, lam=0.3, epochs=2, warmup_epochs=1, phase_batches=1, train_backbone=True, progress=False)
+    if dist.is_main:
+        ee_bb.save_pretrained(out / "adapter-backbone")
+        save_file(
+            {k: v.contiguous() for k, v in ee_bb.backbone.state_dict().items()}, str(out / "backbone.safetensors")
+        )
     cache = disk_cache(ee, train, cache_dir, progress=False)
     save_file(
         {"features": torch.cat(cache.features, 1).float().contiguous(), "labels": cache.labels.clone()},

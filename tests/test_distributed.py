@@ -81,6 +81,16 @@ def test_two_ranks_train_the_adapter_one_process_trains(runs, gates):
         torch.testing.assert_close(outs[1].gate_logits.sigmoid(), outs[0].gate_logits.sigmoid(), atol=1e-3, rtol=0)
 
 
+def test_two_ranks_train_the_backbone_as_one_process_does(runs):
+    for name in ("adapter-backbone/eexit_adapter.safetensors", "backbone.safetensors"):
+        one, two = (load_file(str(runs[k] / name)) for k in ("one", "two"))
+        assert sorted(one) == sorted(two)
+        for key in one:
+            torch.testing.assert_close(two[key], one[key], atol=1e-5, rtol=1e-4)
+    trained = load_file(str(runs["one"] / "backbone.safetensors"))
+    assert not torch.equal(trained["blocks.0.attn.qkv.weight"], _model().state_dict()["blocks.0.attn.qkv.weight"])
+
+
 def _model():
     torch.manual_seed(0)
     return _dist_fit.model()

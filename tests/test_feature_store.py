@@ -83,7 +83,10 @@ def test_a_cache_opened_by_path_is_refused_for_another_model(ee, tmp_path):
     other = eexit.attach(tiny_timm_vit())
     with pytest.raises(EexitValueError, match="another backbone, exit placement or dataset"):
         open_disk_cache(cache.path, other, data_fingerprint(data))
-    fewer = eexit.attach(tiny_timm_vit(), exit_blocks=(1,))
+    with pytest.raises(EexitValueError, match="other backbone weights"):
+        open_disk_cache(cache.path, other)  # without the data's key, the stored fingerprint still refuses it
+    torch.manual_seed(0)
+    fewer = eexit.attach(tiny_timm_vit(), exit_blocks=(1,))  # the same weights, other exits
     with pytest.raises(EexitValueError, match="another exit placement"):
         open_disk_cache(cache.path, fewer)
     assert open_disk_cache(cache.path, ee, data_fingerprint(data)).key == cache.key
@@ -91,6 +94,9 @@ def test_a_cache_opened_by_path_is_refused_for_another_model(ee, tmp_path):
     meta["format"] = "something-else"
     (cache.path / "cache.json").write_text(json.dumps(meta))
     with pytest.raises(EexitValueError, match="not an eexit-feature-cache"):
+        open_disk_cache(cache.path)
+    (cache.path / "cache.json").write_text("{")
+    with pytest.raises(EexitValueError, match="is damaged"):
         open_disk_cache(cache.path)
 
 
@@ -128,3 +134,45 @@ def test_fit_refuses_a_disk_cache_without_a_map_style_dataset(tmp_path):
     batches = [(torch.randn(4, 3, IMG, IMG), torch.arange(4))]
     with pytest.raises(EexitValueError, match="map-style"):
         eexit.fit(ee, batches, batches, epochs=1, warmup_epochs=0, progress=False, cache_dir=tmp_path)
+
+
+def test_values_beyond_the_stored_dtype_and_dropped_samples_are_refused(ee, tmp_path, monkeypatch):
+    exit_features = ee.exit_features
+
+    def huge(x):
+        feats, final = exit_features(x)
+        return [f * 1e6 for f in feats], final
+
+    monkeypatch.setattr(ee, "exit_features", huge)
+    with pytest.raises(EexitValueError, match=r"not finite once stored as torch\.float16"):
+        disk_cache(ee, _data(), tmp_path, progress=False)
+    monkeypatch.undo()
+
+    def dropping(items):
+        return torch.utils.data.default_collate(items[1:])  # loses one sample per batch
+
+    with pytest.raises(EexitValueError, match="drops samples"):
+        disk_cache(ee, _data(), tmp_path, collate_fn=dropping, progress=False)
+    assert not list(tmp_path.glob("*/cache.json")) and not list(tmp_path.glob("*/features.safetensors"))
+
+
+def test_subsets_are_fingerprinted_by_their_indices_and_unknown_datasets_warn():
+    data = _data()
+    a, b = torch.utils.data.Subset(data, [0, 1, 2]), torch.utils.data.Subset(data, [0, 1, 3])
+    assert data_fingerprint(a) != data_fingerprint(b)
+    assert data_fingerprint(a) == data_fingerprint(torch.utils.data.Subset(_data(), [0, 1, 2]))
+
+    class Plain(torch.utils.data.Dataset):
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, i):
+            return torch.full((3,), float(i)), i
+
+    with pytest.warns(UserWarning, match="dataset.fingerprint"):
+        data_fingerprint(Plain())
+    named = Plain()
+    named.fingerprint = "plain-v1"
+    with pytest.warns(UserWarning):
+        unnamed = data_fingerprint(Plain())
+    assert data_fingerprint(named) != unnamed

@@ -78,7 +78,8 @@ def test_resume_after_a_kill_gives_the_uninterrupted_adapter(kind, tmp_path, mon
     with pytest.raises(Killed):  # 5 batches per epoch: killed in the middle of the third epoch
         _fit(kind, tmp_path / "killed", kill_at_step=13, monkeypatch=monkeypatch)
     latest = json.loads((tmp_path / "killed" / "ckpt" / "latest.json").read_text())
-    assert latest == {"latest": "epoch-1"}
+    assert latest["latest"].startswith("epoch-1-")
+    assert [p.name for p in (tmp_path / "killed" / "ckpt").iterdir() if p.is_dir()] == [latest["latest"]]
     resumed = _fit(kind, tmp_path / "killed", resume=True)
     for key, value in whole.adapter_state_dict().items():
         torch.testing.assert_close(resumed.adapter_state_dict()[key], value, atol=1e-6, rtol=1e-6)
@@ -97,6 +98,17 @@ def test_resume_without_a_checkpoint_starts_afresh_and_bad_resumes_are_refused(t
         eexit.fit(ee, *_loaders(), epochs=1, progress=False, resume=True)
     with pytest.raises(EexitValueError, match="mixed_precision"):
         eexit.fit(ee, *_loaders(), epochs=1, progress=False, mixed_precision="fp8")
-    (tmp_path / "ckpt" / "epoch-3" / "state.json").write_text("{broken")
+    with pytest.raises(EexitValueError, match="other data"):
+        loaders = _loaders()
+        loaders[0] = torch.utils.data.DataLoader(torch.utils.data.Subset(loaders[0].dataset, range(64)), batch_size=16)
+        torch.manual_seed(0)
+        ee0 = eexit.attach(tiny_timm_vit(), head="mlp")
+        eexit.fit(ee0, *loaders, lam=0.3, epochs=4, warmup_epochs=1, batch_size=16, optimizer="adamw", lr=3e-3,
+                  min_lr=1e-4, progress=False, checkpoint_dir=tmp_path / "ckpt", resume=True)  # fmt: skip
+    latest = json.loads((tmp_path / "ckpt" / "latest.json").read_text())["latest"]
+    (tmp_path / "ckpt" / latest / "state.safetensors").write_bytes(b"garbage")
+    with pytest.raises(EexitValueError, match="cannot be read"):
+        eexit.fit(ee, *_loaders(), lam=0.3, epochs=4, progress=False, checkpoint_dir=tmp_path / "ckpt", resume=True)
+    (tmp_path / "ckpt" / latest / "state.json").write_text("{broken")
     with pytest.raises(EexitValueError, match="cannot be read"):
         eexit.fit(ee, *_loaders(), lam=0.3, epochs=4, progress=False, checkpoint_dir=tmp_path / "ckpt", resume=True)
