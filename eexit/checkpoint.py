@@ -6,6 +6,10 @@ phase counter, history, the optimiser's hyper-parameters). Only safetensors and 
 never unpickles anything. The folder is written under a temporary name and renamed, then ``latest.json`` is
 replaced to point at it (an atomic rename): a fit killed while saving leaves the previous checkpoint as the
 latest, never a half-written one.
+
+:func:`save_fit_checkpoint` / :func:`load_fit_checkpoint` say what a fit's checkpoint holds and refuse one written
+with other settings, for another backbone or on other data; :class:`FitRun` is how a fit runs (processes,
+precision, cache and checkpoint folders), as opposed to what it learns (:class:`~eexit.FitConfig`).
 """
 
 from __future__ import annotations
@@ -14,16 +18,30 @@ import json
 import os
 import shutil
 import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .config import FitConfig
+from .distributed import Dist
 from .errors import EexitValueError
 
-__all__ = ["load_optimizer_state", "optimizer_state", "read_checkpoint", "write_checkpoint"]
+if TYPE_CHECKING:
+    from .model import EarlyExitModel
+
+__all__ = [
+    "FitRun",
+    "load_fit_checkpoint",
+    "load_optimizer_state",
+    "optimizer_state",
+    "read_checkpoint",
+    "save_fit_checkpoint",
+    "write_checkpoint",
+]
 
 _LATEST = "latest.json"
 
@@ -102,3 +120,106 @@ def read_checkpoint(folder: str | os.PathLike[str]) -> tuple[dict[str, torch.Ten
             "the fit from scratch."
         ) from err
     return tensors, meta
+
+
+@dataclass
+class FitRun:
+    """How this fit runs (not what it learns): processes, precision, where caches and checkpoints go."""
+
+    dist: Dist
+    autocast: torch.dtype | None
+    cache_dir: str | os.PathLike[str] | None
+    checkpoint_dir: str | os.PathLike[str] | None
+    resume: bool
+    identity: dict[str, Any] = field(default_factory=dict)  # what a checkpoint must match: backbone and data
+
+
+def config_digest(config: FitConfig) -> dict[str, Any]:
+    """The settings that decide what a fit computes (not how it shows progress, nor which eexit wrote it)."""
+    skip = {"progress", "eexit_version", "format_version"}
+    return {k: v for k, v in config.to_dict().items() if k not in skip}
+
+
+def data_identity(source: Any) -> Any:
+    """What a checkpoint records of a split, to refuse resuming on other data."""
+    key = getattr(source, "key", None)  # a disk cache
+    if isinstance(key, str):
+        return key
+    try:
+        return len(source.dataset) if hasattr(source, "dataset") else len(source)
+    except TypeError:
+        return None
+
+
+def save_fit_checkpoint(
+    ee: EarlyExitModel,
+    run: FitRun,
+    config: FitConfig,
+    epoch: int,
+    optimizer: torch.optim.Optimizer,
+    generator: torch.Generator,
+    counters: dict[str, Any],
+    best_state: dict[str, Any],
+) -> None:
+    tensors = {f"adapter.{k}": v for k, v in ee.adapter_state_dict().items()}
+    tensors.update({f"best.{k}": v for k, v in best_state["adapter"].items()})
+    if config.train_backbone:
+        tensors.update({f"backbone.{k}": v for k, v in ee.backbone.state_dict().items()})
+        tensors.update({f"best_backbone.{k}": v for k, v in best_state["backbone"].items()})
+    optim_tensors, optim_plain = optimizer_state(optimizer)
+    tensors.update(optim_tensors)
+    tensors["rng.generator"] = generator.get_state()
+    tensors["rng.torch"] = torch.get_rng_state()
+    if torch.cuda.is_available():
+        for i, state in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda.{i}"] = state
+    meta = {"config": config_digest(config), "optimizer": optim_plain, **run.identity, **counters}
+    write_checkpoint(run.checkpoint_dir, epoch, tensors, meta)  # type: ignore[arg-type]
+
+
+def load_fit_checkpoint(
+    ee: EarlyExitModel,
+    run: FitRun,
+    config: FitConfig,
+    optimizer: torch.optim.Optimizer,
+    generator: torch.Generator,
+) -> tuple[int, dict[str, Any], dict[str, Any]] | None:
+    """Restore the latest checkpoint: returns (next epoch, counters, best state), or ``None`` without one."""
+    found = read_checkpoint(run.checkpoint_dir)  # type: ignore[arg-type]
+    if found is None:
+        return None
+    tensors, meta = found
+    current = config_digest(config)
+    if meta.get("config") != current:
+        saved = meta.get("config") or {}
+        changed = sorted(k for k in {*saved, *current} if saved.get(k) != current.get(k))
+        raise EexitValueError(
+            f"the checkpoint in {run.checkpoint_dir} was written by a fit with other settings ({changed}); resume "
+            "with the same settings, or use another checkpoint_dir to start afresh."
+        )
+    if meta.get("backbone") != run.identity["backbone"]:
+        raise EexitValueError(
+            f"the checkpoint in {run.checkpoint_dir} was written for another backbone (its weights differ); resume "
+            "on the same backbone, or use another checkpoint_dir."
+        )
+    if meta.get("data") != run.identity["data"]:
+        raise EexitValueError(
+            f"the checkpoint in {run.checkpoint_dir} was written by a fit on other data (train/val {meta.get('data')}, "
+            f"now {run.identity['data']}); resume on the same data, or use another checkpoint_dir."
+        )
+
+    def part(prefix: str) -> dict[str, torch.Tensor]:
+        return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+    ee.load_adapter_state_dict(part("adapter."))
+    best: dict[str, Any] = {"adapter": part("best.")}
+    if config.train_backbone:
+        ee.backbone.load_state_dict(part("backbone."))
+        best["backbone"] = part("best_backbone.")
+    load_optimizer_state(optimizer, tensors, meta["optimizer"])
+    generator.set_state(tensors["rng.generator"])
+    torch.set_rng_state(tensors["rng.torch"])
+    cuda = [tensors[f"rng.cuda.{i}"] for i in range(torch.cuda.device_count()) if f"rng.cuda.{i}" in tensors]
+    if cuda and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+    return int(meta["epoch"]) + 1, meta, best

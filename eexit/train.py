@@ -23,21 +23,20 @@ import enum
 import logging
 import math
 import os
-import warnings
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field, replace
+from collections.abc import Iterable
+from dataclasses import replace
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
 from ._fingerprint import backbone_fingerprint
-from .checkpoint import load_optimizer_state, optimizer_state, read_checkpoint, write_checkpoint
+from ._fit_data import GateStream, batches, check_cache, feature_cache, use_cache
+from .checkpoint import FitRun, data_identity, load_fit_checkpoint, save_fit_checkpoint
 from .config import FitConfig
-from .data import FeatureCache, check_images, check_labels, check_loader, estimated_cache_bytes, unpack_batch
+from .data import FeatureCache, check_loader
 from .distributed import Dist, current
 from .errors import EexitTypeError, EexitValueError, TrainingError
-from .feature_store import disk_cache
 from .gate_fit import solve_gates
 from .inference import decide_exits
 from .model import AllExitsOutput, EarlyExitModel
@@ -57,9 +56,6 @@ from .objective import (
 )
 
 __all__ = ["Phase", "fit", "phase_at", "priced_ic", "validate"]
-
-#: Auto caching is skipped (with a warning) above this estimated size.
-_CACHE_LIMIT_BYTES = 4 * 1024**3
 
 logger = logging.getLogger("eexit")
 
@@ -170,55 +166,6 @@ def _loss(
     return im_loss(ce, weights, trainable) * (rows / total)
 
 
-_Batch = tuple["AllExitsOutput | None", "torch.Tensor | None", int]
-
-
-def _batches(
-    ee: EarlyExitModel,
-    source: FeatureCache | Iterable[Any],
-    config: FitConfig,
-    shuffle: bool,
-    generator: torch.Generator,
-    grad: bool,
-    dist: Dist,
-    autocast: torch.dtype | None = None,
-) -> Iterator[_Batch]:
-    """(all-exit outputs, labels, global batch size) per batch, from the cache or from the loader.
-
-    Every process walks the same global batches (the same permutation: the generators agree) and computes its
-    contiguous share of each one's rows; outputs and labels are ``None`` where that share is empty.
-    """
-    device = next(ee.parameters()).device
-    if isinstance(source, FeatureCache):
-        for idx in source.batch_indices(config.batch_size, shuffle, generator):
-            local = idx.tensor_split(dist.world)[dist.rank] if dist.active else idx
-            if local.numel() == 0:
-                yield None, None, idx.numel()
-                continue
-            feats, final, labels = source.take(local, device)
-            with torch.set_grad_enabled(grad):
-                yield ee.outputs_from_features(feats, final), labels, idx.numel()
-        return
-    if dist.active and type(getattr(source, "sampler", None)).__name__ == "DistributedSampler":
-        raise EexitValueError(
-            "the loader has a DistributedSampler, but eexit splits every batch over the processes itself: give every "
-            "process the same loader over all the data (no DistributedSampler, no accelerator.prepare)."
-        )
-    for batch in source:
-        images, labels = unpack_batch(batch)
-        images = check_images(images, "train_loader" if grad else "val_loader")
-        labels = check_labels(labels, ee.num_classes)
-        total = labels.shape[0]
-        if dist.active:  # the loader yields global batches; this process computes its share of the rows
-            images, labels = images.tensor_split(dist.world)[dist.rank], labels.tensor_split(dist.world)[dist.rank]
-            if labels.numel() == 0:
-                yield None, None, total
-                continue
-        with torch.set_grad_enabled(grad), torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
-            out = ee(images.to(device), all_exits=True)
-        yield out, labels.to(device), total  # type: ignore[misc]
-
-
 @torch.no_grad()
 def _validate(
     ee: EarlyExitModel,
@@ -235,7 +182,7 @@ def _validate(
     sums = torch.zeros(4, dtype=torch.float64)  # correct, cost, objective, count
     counts = torch.zeros(ee.num_exits, dtype=torch.float64)  # samples whose best exit is l
     policy = ee.default_policy()
-    for out, labels, _ in _batches(ee, source, config, False, torch.Generator(), grad=False, dist=dist):
+    for out, labels, _ in batches(ee, source, config, False, torch.Generator(), grad=False, dist=dist):
         if out is None or labels is None:
             continue
         ce = per_exit_ce(out.logits, labels)  # [E, B]
@@ -273,36 +220,6 @@ def validate(
     return metrics, torch.cat(best)
 
 
-class _GateStream:
-    """Shuffled batches of the held-out gate split, without end (the gate phases' data when ``gate_data="val"``).
-
-    Pass p is a permutation seeded by (seed, p), so the stream is known from (passes, position) alone, which a
-    checkpoint stores, and agrees across processes.
-    """
-
-    def __init__(
-        self, ee: EarlyExitModel, source: Any, config: FitConfig, dist: Dist, passes: int = 0, position: int = 0
-    ) -> None:
-        self.ee, self.source, self.config, self.dist = ee, source, config, dist
-        self.passes, self.position = passes, position
-        self._it: Iterator[_Batch] | None = None
-
-    def __next__(self) -> _Batch:
-        while True:
-            try:
-                if self._it is None:
-                    gen = torch.Generator().manual_seed(self.config.seed * 1_000_003 + self.passes + 1)
-                    self._it = _batches(self.ee, self.source, self.config, True, gen, True, self.dist)
-                    for _ in range(self.position):  # resuming mid-pass
-                        next(self._it)
-                batch = next(self._it)
-            except StopIteration:
-                self._it, self.passes, self.position = None, self.passes + 1, 0
-                continue
-            self.position += 1
-            return batch
-
-
 def _solve_gates(
     ee: EarlyExitModel, source: FeatureCache | Iterable[Any], config: FitConfig, dist: Dist
 ) -> dict[str, Any]:
@@ -314,11 +231,11 @@ def _solve_gates(
     was_training = ee.training
     ee.eval()
     try:  # the outputs are collected without gradient; L-BFGS enables it for the gates' own solve
-        batches = (
+        pairs = (
             (out, labels)
-            for out, labels, _ in _batches(ee, source, config, False, torch.Generator(), grad=False, dist=Dist())
+            for out, labels, _ in batches(ee, source, config, False, torch.Generator(), grad=False, dist=Dist())
         )
-        solved = solve_gates(ee, batches, priced_ic(ee, config), config)
+        solved = solve_gates(ee, pairs, priced_ic(ee, config), config)
     finally:
         ee.train(was_training)
     dist.broadcast_(list(ee.gates.parameters()))
@@ -336,110 +253,6 @@ def _restore(ee: EarlyExitModel, snap: dict[str, Any]) -> None:
     ee.load_adapter_state_dict(snap["adapter"])
     if "backbone" in snap:
         ee.backbone.load_state_dict(snap["backbone"])
-
-
-def _check_cache(ee: EarlyExitModel, cache: FeatureCache, name: str, config: FitConfig) -> None:
-    """Refuse a feature cache that cannot stand for this model's frozen backbone."""
-    if config.train_backbone or config.cache_features is False:
-        raise EexitValueError(
-            f"{name} is a FeatureCache, but the config asks for train_backbone={config.train_backbone} and "
-            f"cache_features={config.cache_features}: cached features only stand for a frozen backbone. Pass "
-            "the data loader instead."
-        )
-    widths, with_head = ee.feature_layout()
-    expected = [(w,) for w in widths]
-    got = [tuple(f.shape[1:]) for f in cache.features]
-    final_ok = (cache.final_logits is not None) == with_head and (
-        cache.final_logits is None or cache.final_logits.shape[-1] == ee.num_classes
-    )
-    if got != expected or not final_ok:
-        raise EexitValueError(
-            f"{name}: the FeatureCache does not fit this model: expected exit features of widths {expected} and "
-            f"{'head logits' if with_head else 'no head logits'}, got widths {got} and "
-            f"{'no' if cache.final_logits is None else 'some'} head logits. Collect it with "
-            "FeatureCache.collect(ee, loader, name) on this model."
-        )
-    check_labels(cache.labels, ee.num_classes)
-
-
-def _use_cache(ee: EarlyExitModel, train_loader: Iterable[Any], config: FitConfig, on_disk: bool) -> bool:
-    if config.cache_features is not None:
-        return config.cache_features
-    if config.train_backbone:
-        return False
-    size = estimated_cache_bytes(ee, train_loader)
-    if not on_disk and size is not None and size > _CACHE_LIMIT_BYTES:
-        warnings.warn(
-            f"not caching exit features: they would take about {size / 1024**3:.1f} GiB of RAM. Every epoch will "
-            "run the backbone; pass cache_dir= to cache them on disk, or cache_features=True to cache in RAM.",
-            UserWarning,
-            stacklevel=4,
-        )
-        return False
-    return True
-
-
-def _feature_cache(
-    ee: EarlyExitModel,
-    loader: Iterable[Any],
-    name: str,
-    config: FitConfig,
-    cache_dir: str | os.PathLike[str] | None,
-    dist: Dist,
-    autocast: torch.dtype | None,
-) -> FeatureCache:
-    """The loader's features: as given, in RAM (one process, no ``cache_dir``), or on disk, built by every rank."""
-    if isinstance(loader, FeatureCache):
-        return loader
-    if cache_dir is None and not dist.active:
-        return FeatureCache.collect(ee, loader, name, config.progress)
-    dataset = _cached_dataset(loader, name)
-    batch_size = getattr(loader, "batch_size", None) or config.batch_size
-    return disk_cache(
-        ee,
-        dataset,
-        cache_dir,
-        name=name.removesuffix("_loader"),
-        batch_size=batch_size,
-        num_workers=getattr(loader, "num_workers", 0),
-        collate_fn=getattr(loader, "collate_fn", None),
-        autocast=autocast,
-        progress=config.progress,
-        dist=dist,
-    )
-
-
-def _cached_dataset(loader: Iterable[Any], name: str) -> Any:
-    """What the loader yields, as the map-style dataset the disk cache stores: its dataset, or the subset its
-    sampler draws from. Samplers that repeat, weight or shard items have no such dataset and are refused."""
-    from torch.utils.data import DistributedSampler, RandomSampler, SequentialSampler, Subset, SubsetRandomSampler
-
-    dataset = getattr(loader, "dataset", None)
-    if dataset is None or not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__"):
-        raise EexitValueError(
-            f"{name}: the disk feature cache (cache_dir=, or several processes) reads a DataLoader over a map-style "
-            f"dataset, got {type(loader).__name__}. Pass a torch DataLoader, or a FeatureCache you collected."
-        )
-    sampler = getattr(loader, "sampler", None)
-    if getattr(loader, "batch_sampler", None) is not None and type(loader.batch_sampler).__name__ != "BatchSampler":
-        sampler = loader.batch_sampler  # a custom batch sampler decides which items come
-    if sampler is None or isinstance(sampler, SequentialSampler):
-        return dataset
-    if isinstance(sampler, RandomSampler) and not sampler.replacement and sampler.num_samples == len(dataset):
-        return dataset  # the cache shuffles by itself
-    if isinstance(sampler, SubsetRandomSampler):
-        return Subset(dataset, sorted(int(i) for i in sampler.indices))
-    why = (
-        "it already splits the data over the processes; give every process the same loader over all the data "
-        "(eexit splits each batch itself)"
-        if isinstance(sampler, DistributedSampler)
-        else "it repeats, weights or otherwise picks items, which a cache of each item once cannot reproduce"
-    )
-    raise EexitValueError(
-        f"{name}: the feature cache stores each item of loader.dataset once, but this loader's sampler "
-        f"({type(sampler).__name__}) {why}. Pass a loader over exactly the data to cache (e.g. "
-        "DataLoader(Subset(dataset, indices))), or cache_features=False."
-    )
 
 
 _AUTOCAST = {None: None, "no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -516,10 +329,10 @@ def fit(
     check_loader(val_loader, "val_loader")
     for name, source in (("train_loader", train_loader), ("val_loader", val_loader)):
         if isinstance(source, FeatureCache):
-            _check_cache(ee, source, name, config)
+            check_cache(ee, source, name, config)
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
-    run = _Run(current(), _AUTOCAST[mixed_precision], cache_dir, checkpoint_dir, resume)
+    run = FitRun(current(), _AUTOCAST[mixed_precision], cache_dir, checkpoint_dir, resume)
 
     grad_flags = [(p, p.requires_grad) for p in ee.backbone.parameters()]
     if config.train_backbone:
@@ -537,123 +350,20 @@ def fit(
     return history
 
 
-@dataclass
-class _Run:
-    """How this fit runs (not what it learns): processes, precision, where caches and checkpoints go."""
-
-    dist: Dist
-    autocast: torch.dtype | None
-    cache_dir: str | os.PathLike[str] | None
-    checkpoint_dir: str | os.PathLike[str] | None
-    resume: bool
-    identity: dict[str, Any] = field(default_factory=dict)  # what a checkpoint must match: backbone and data
-
-
-def _config_digest(config: FitConfig) -> dict[str, Any]:
-    """The settings that decide what a fit computes (not how it shows progress, nor which eexit wrote it)."""
-    skip = {"progress", "eexit_version", "format_version"}
-    return {k: v for k, v in config.to_dict().items() if k not in skip}
-
-
-def _data_identity(source: Any) -> Any:
-    """What a checkpoint records of a split, to refuse resuming on other data."""
-    key = getattr(source, "key", None)  # a disk cache
-    if isinstance(key, str):
-        return key
-    try:
-        return len(source.dataset) if hasattr(source, "dataset") else len(source)
-    except TypeError:
-        return None
-
-
-def _save_checkpoint(
-    ee: EarlyExitModel,
-    run: _Run,
-    config: FitConfig,
-    epoch: int,
-    optimizer: torch.optim.Optimizer,
-    generator: torch.Generator,
-    counters: dict[str, Any],
-    best_state: dict[str, Any],
-) -> None:
-    tensors = {f"adapter.{k}": v for k, v in ee.adapter_state_dict().items()}
-    tensors.update({f"best.{k}": v for k, v in best_state["adapter"].items()})
-    if config.train_backbone:
-        tensors.update({f"backbone.{k}": v for k, v in ee.backbone.state_dict().items()})
-        tensors.update({f"best_backbone.{k}": v for k, v in best_state["backbone"].items()})
-    optim_tensors, optim_plain = optimizer_state(optimizer)
-    tensors.update(optim_tensors)
-    tensors["rng.generator"] = generator.get_state()
-    tensors["rng.torch"] = torch.get_rng_state()
-    if torch.cuda.is_available():
-        for i, state in enumerate(torch.cuda.get_rng_state_all()):
-            tensors[f"rng.cuda.{i}"] = state
-    meta = {"config": _config_digest(config), "optimizer": optim_plain, **run.identity, **counters}
-    write_checkpoint(run.checkpoint_dir, epoch, tensors, meta)  # type: ignore[arg-type]
-
-
-def _load_checkpoint(
-    ee: EarlyExitModel,
-    run: _Run,
-    config: FitConfig,
-    optimizer: torch.optim.Optimizer,
-    generator: torch.Generator,
-) -> tuple[int, dict[str, Any], dict[str, Any]] | None:
-    """Restore the latest checkpoint: returns (next epoch, counters, best state), or ``None`` without one."""
-    found = read_checkpoint(run.checkpoint_dir)  # type: ignore[arg-type]
-    if found is None:
-        return None
-    tensors, meta = found
-    current = _config_digest(config)
-    if meta.get("config") != current:
-        saved = meta.get("config") or {}
-        changed = sorted(k for k in {*saved, *current} if saved.get(k) != current.get(k))
-        raise EexitValueError(
-            f"the checkpoint in {run.checkpoint_dir} was written by a fit with other settings ({changed}); resume "
-            "with the same settings, or use another checkpoint_dir to start afresh."
-        )
-    if meta.get("backbone") != run.identity["backbone"]:
-        raise EexitValueError(
-            f"the checkpoint in {run.checkpoint_dir} was written for another backbone (its weights differ); resume "
-            "on the same backbone, or use another checkpoint_dir."
-        )
-    if meta.get("data") != run.identity["data"]:
-        raise EexitValueError(
-            f"the checkpoint in {run.checkpoint_dir} was written by a fit on other data (train/val {meta.get('data')}, "
-            f"now {run.identity['data']}); resume on the same data, or use another checkpoint_dir."
-        )
-
-    def part(prefix: str) -> dict[str, torch.Tensor]:
-        return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
-
-    ee.load_adapter_state_dict(part("adapter."))
-    best: dict[str, Any] = {"adapter": part("best.")}
-    if config.train_backbone:
-        ee.backbone.load_state_dict(part("backbone."))
-        best["backbone"] = part("best_backbone.")
-    load_optimizer_state(optimizer, tensors, meta["optimizer"])
-    generator.set_state(tensors["rng.generator"])
-    torch.set_rng_state(tensors["rng.torch"])
-    cuda = [tensors[f"rng.cuda.{i}"] for i in range(torch.cuda.device_count()) if f"rng.cuda.{i}" in tensors]
-    if cuda and len(cuda) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(cuda)
-    return int(meta["epoch"]) + 1, meta, best
-
-
 def _fit_loop(
     ee: EarlyExitModel,
     train_loader: Iterable[Any],
     val_loader: Iterable[Any],
     config: FitConfig,
     generator: torch.Generator,
-    run: _Run,
+    run: FitRun,
 ) -> list[dict[str, float]]:
     dist = run.dist
     train_src: FeatureCache | Iterable[Any] = train_loader
     val_src: FeatureCache | Iterable[Any] = val_loader
-    if _use_cache(ee, train_loader, config, on_disk=run.cache_dir is not None or dist.active):
-        train_src = _feature_cache(ee, train_loader, "train_loader", config, run.cache_dir, dist, run.autocast)
-        val_src = _feature_cache(ee, val_loader, "val_loader", config, run.cache_dir, dist, run.autocast)
+    if use_cache(ee, train_loader, config, on_disk=run.cache_dir is not None or dist.active):
+        train_src = feature_cache(ee, train_loader, "train_loader", config, run.cache_dir, dist, run.autocast)
+        val_src = feature_cache(ee, val_loader, "val_loader", config, run.cache_dir, dist, run.autocast)
     optimizer = _make_optimizer(ee, config)
     params = [p for group in optimizer.param_groups for p in group["params"]]
     # Every process starts from rank 0's exits (and backbone, when it trains), as DDP would make them.
@@ -670,11 +380,11 @@ def _fit_loop(
     gate_passes = gate_position = 0
     if run.checkpoint_dir is not None:  # what a checkpoint must match to be resumed; hashed once per fit
         fingerprint = None if config.train_backbone else backbone_fingerprint(ee.backbone)
-        run.identity = {"backbone": fingerprint, "data": [_data_identity(train_src), _data_identity(val_src)]}
+        run.identity = {"backbone": fingerprint, "data": [data_identity(train_src), data_identity(val_src)]}
     if run.resume:
         error: BaseException | None = None
         try:
-            restored = _load_checkpoint(ee, run, config, optimizer, generator)
+            restored = load_fit_checkpoint(ee, run, config, optimizer, generator)
             if restored is not None:
                 start, counters, best_state = restored
                 step, history = counters["step"], counters["history"]
@@ -694,7 +404,7 @@ def _fit_loop(
                 f"the processes found different checkpoints in {run.checkpoint_dir} (or none): checkpoint_dir must be "
                 "on a file system every process sees."
             )
-    gate_batches = _GateStream(ee, gate_src, config, dist, gate_passes, gate_position)
+    gate_batches = GateStream(ee, gate_src, config, dist, gate_passes, gate_position)
     bar = tqdm(
         range(start, config.epochs),
         desc=f"JEI-DNN λ={config.lam:g}",
@@ -713,7 +423,7 @@ def _fit_loop(
         ee.train(True)
         totals = {Phase.WARMUP: 0.0, Phase.GATE: 0.0, Phase.IM: 0.0}
         counts_ = {Phase.WARMUP: 0, Phase.GATE: 0, Phase.IM: 0}
-        for out, labels, total in _batches(ee, train_src, config, True, generator, True, dist, run.autocast):
+        for out, labels, total in batches(ee, train_src, config, True, generator, True, dist, run.autocast):
             phase = phase_at(epoch, step, config)
             if phase is Phase.GATE and ee.num_exits < 2:
                 phase = Phase.IM
@@ -747,7 +457,7 @@ def _fit_loop(
         for phase in Phase:
             if counts_[phase]:
                 record[f"{phase.value}_loss"] = totals[phase] / counts_[phase]
-                record[f"{phase.value}_batches"] = float(counts_[phase])
+                record[f"{phase.value}batches"] = float(counts_[phase])
         history.append(record)
         logger.info(
             "epoch %d/%d λ=%g: val accuracy %.4f, mean cost %.3f of the last exit, objective %.4f",
@@ -774,7 +484,7 @@ def _fit_loop(
                     "pos_weight": pos_weight.tolist(),
                 }
                 try:
-                    _save_checkpoint(ee, run, config, epoch, optimizer, generator, counters, best_state)
+                    save_fit_checkpoint(ee, run, config, epoch, optimizer, generator, counters, best_state)
                 except Exception as err:  # a full disk, say: every rank stops, none waits in the next epoch
                     error = err
             dist.agree(error, f"writing the checkpoint of epoch {epoch}")
