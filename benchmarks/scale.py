@@ -3,6 +3,7 @@
     python benchmarks/scale.py sweep  [--train 2000 --val 500 --epochs 5]   # cached sweep vs refitting each λ
     python benchmarks/scale.py store  [--sizes 25000,100000,400000] [--memory-limit 1G]
     python benchmarks/scale.py ranks  [--train 2000 --val 500 --epochs 5]   # 1 vs 2 processes (gloo on CPU)
+    python benchmarks/scale.py epochs [--train 4000 --val 500 --epochs 5]   # fits on the disk cache vs in RAM
 
 All on real Fashion-MNIST images (Debian's dataset-fashion-mnist) through a ViT-S-shaped timm backbone (384 wide,
 12 blocks, 6 heads; 28 px in 7 px patches; random weights: these are timings, not accuracies).
@@ -13,6 +14,7 @@ All on real Fashion-MNIST images (Debian's dataset-fashion-mnist) through a ViT-
   + 10 head logits: 8.5 kB per image in fp16): build and shuffled-read throughput and the process's peak
   anonymous RSS (what the process itself needs; mapped file pages are the kernel's to drop) per cache size. With
   --memory-limit, every size runs in a memory cgroup capped at that limit (cgroup v1, needs root).
+* epochs: fits on the disk cache against fits on the same features in RAM (fp32), interleaved, medians.
 * ranks: the same fit under `accelerate launch --multi_gpu --num_processes 2` and in one process: adapter
   difference, cache build time and time per epoch.
 
@@ -114,6 +116,32 @@ def bench_sweep(args: argparse.Namespace) -> dict:
     row = {"train": args.train, "val": args.val, "epochs": args.epochs, "lams": LAMS, "refit_s": refit,
            "cached_s": cached, "cache_build_s": built, "ratio": refit / cached,
            "build_images_per_s": (args.train + args.val) / built}  # fmt: skip
+    print(json.dumps(row, indent=1))
+    return row
+
+
+def bench_epochs(args: argparse.Namespace) -> dict:
+    """Fits on the disk cache against fits on the same features held in RAM (fp32), interleaved, medians."""
+    import statistics
+
+    from eexit.data import FeatureCache
+
+    train, val = fashion(args.train, args.val)
+    ee = eexit.attach(backbone())
+    with tempfile.TemporaryDirectory() as cache_dir:
+        disk = [disk_cache(ee, d, cache_dir, name=n, progress=False) for d, n in ((train, "train"), (val, "val"))]
+        ram = [FeatureCache([f.float().clone() for f in c.features], c.final_logits.float().clone(), c.labels.clone())
+               for c in disk]  # fmt: skip
+        initial = ee.adapter_state_dict()
+        times: dict[str, list[float]] = {"disk": [], "ram": []}
+        for _ in range(args.repeats):
+            for name, caches in (("disk", disk), ("ram", ram)):
+                ee.load_adapter_state_dict(initial)
+                start = time.perf_counter()
+                eexit.fit(ee, *caches, lam=0.3, epochs=args.epochs, warmup_epochs=1, progress=False)
+                times[name].append(time.perf_counter() - start)
+    row = {name: statistics.median(t) for name, t in times.items()}
+    row.update({"all": times, "disk_over_ram": row["disk"] / row["ram"], "train": args.train, "epochs": args.epochs})
     print(json.dumps(row, indent=1))
     return row
 
@@ -263,7 +291,8 @@ def main() -> None:
         worker(sys.argv[2], sys.argv[3], *(int(v) for v in sys.argv[4:7]))
         return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("part", choices=["sweep", "store", "ranks"])
+    parser.add_argument("part", choices=["sweep", "store", "ranks", "epochs"])
+    parser.add_argument("--repeats", type=int, default=3, help="epochs part: interleaved runs per variant")
     parser.add_argument("--train", type=int, default=2000)
     parser.add_argument("--val", type=int, default=500)
     parser.add_argument("--epochs", type=int, default=5)
@@ -271,7 +300,8 @@ def main() -> None:
     parser.add_argument("--memory-limit", help="cap each store run with a memory cgroup, e.g. 1G (cgroup v1, root)")
     parser.add_argument("--cache-root", default=None, help="where the store's caches are written (default: /tmp)")
     args = parser.parse_args()
-    result = {"sweep": bench_sweep, "store": bench_store, "ranks": bench_ranks}[args.part](args)
+    parts = {"sweep": bench_sweep, "store": bench_store, "ranks": bench_ranks, "epochs": bench_epochs}
+    result = parts[args.part](args)
     path = HERE / "scale.json"
     everything = json.loads(path.read_text()) if path.is_file() else {}
     key = args.part + (f"-limit{args.memory_limit}" if args.part == "store" and args.memory_limit else "")

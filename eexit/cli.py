@@ -1,13 +1,15 @@
 """The ``eexit`` command line: ``fit``, ``sweep``, ``evaluate``, ``push`` and ``demo``.
 
 Every command exits with 0 on success and with 2 and a one-line reason on bad input (``eexit: error: ...``).
-``fit`` and ``sweep`` run under ``accelerate launch`` / ``torchrun`` as well as alone (see :func:`eexit.fit`).
+``fit`` and ``sweep`` run under ``accelerate launch`` / ``torchrun`` as well as alone (see :func:`eexit.fit`);
+``evaluate`` and ``push`` do their work on rank 0 only.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -170,6 +172,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         run_demo(out_dir=args.out, lams=args.lams, quick=args.quick, seed=args.seed)
         return 0
     _check_numbers(args)
+    if args.command in ("evaluate", "push") and int(os.environ.get("RANK", "0")) != 0:
+        return 0  # one process's work: under a launcher, the other ranks would only write the same files again
     return {"fit": commands.fit, "sweep": commands.sweep, "evaluate": commands.evaluate, "push": commands.push}[
         args.command
     ](args)
