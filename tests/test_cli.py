@@ -22,6 +22,20 @@ from eexit.cli import build_parser, main
 TINY = "img_size=32,patch_size=8,embed_dim=32,depth=4,num_heads=2"
 
 
+@pytest.fixture(scope="module", autouse=True)
+def hermetic_datasets_cache(tmp_path_factory):
+    """`datasets` keeps its arrow cache under ~/.cache/huggingface: point it at a temporary folder instead (the
+    variable is read when `datasets` is imported, so its config is patched too)."""
+    import datasets
+
+    folder = tmp_path_factory.mktemp("hf-datasets")
+    patch = pytest.MonkeyPatch()
+    patch.setattr(datasets.config, "HF_DATASETS_CACHE", folder)
+    patch.setenv("HF_DATASETS_CACHE", str(folder))  # for the launched processes
+    yield folder
+    patch.undo()
+
+
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory) -> Path:
     """Real handwritten digits as PNG class folders (train/val/test) and a trained-looking tiny ViT checkpoint."""
