@@ -85,3 +85,19 @@ def test_bad_inputs(x, error, match):
     ee = eexit.attach(tiny_timm_vit())
     with pytest.raises(error, match=match):
         ee(x)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_images_with_nan_or_inf_are_refused_unless_the_check_is_off(images, bad):
+    ee = eexit.attach(tiny_timm_vit())
+    dirty = images.clone()
+    dirty[2, 1, 3, 4] = bad
+    dirty[5, 0, 0, 0] = bad
+    for call in (lambda: ee(dirty), lambda: ee(dirty, all_exits=True)):
+        with pytest.raises(EexitValueError, match=r"images \[2, 5\] of the batch contain NaN or Inf"):
+            call()
+    ee.check_inputs = False  # serving a trusted pipeline: no check, the garbage flows through
+    out = ee(dirty)
+    assert not torch.isfinite(out.logits[2]).all()
+    ee.check_inputs = True
+    assert torch.isfinite(ee(images).logits).all()  # clean images pass
