@@ -18,22 +18,14 @@ import time
 
 import timm
 import torch
+from speed import _time  # this folder is on the path when a script here runs
 
 import eexit
-from eexit.model import _all_finite
+from eexit._checks import all_finite
 
 
 def _median_time(fn, repeats: int, device: torch.device) -> float:
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.median(_time(fn, device) for _ in range(repeats))
 
 
 def main() -> None:
@@ -50,7 +42,7 @@ def main() -> None:
     for batch in (int(b) for b in args.batches.split(",")):
         x = torch.randn(batch, 3, 224, 224, device=device)
         policy = eexit.FixedExitPolicy(torch.full((batch,), ee.num_exits - 1))  # all run to the end: a full forward
-        check = _median_time(lambda x=x: _all_finite(x), 200, device)
+        check = _median_time(lambda x=x: all_finite(x), 200, device)
         forwards: dict[bool, list[float]] = {True: [], False: []}
         with torch.inference_mode():
             ee(x, policy=policy)  # warm-up

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from tqdm.auto import tqdm
 
+from ._checks import all_finite
 from .errors import EexitTypeError, EexitValueError
 
 if TYPE_CHECKING:
@@ -60,7 +61,7 @@ def check_images(images: Any, where: str) -> torch.Tensor:
     """Refuse non-tensors and NaN/Inf pixels, which would silently poison every exit's statistics."""
     if not isinstance(images, torch.Tensor):
         raise EexitTypeError(f"{where}: images must be a torch.Tensor, got {type(images).__name__}.")
-    if images.is_floating_point() and not bool(torch.isfinite(images).all()):
+    if images.is_floating_point() and not all_finite(images):
         raise EexitValueError(f"{where}: the images contain NaN or Inf values; clean or re-normalise the data.")
     return images
 

@@ -48,21 +48,20 @@ class Dist:
         if self.active:
             torch.distributed.barrier()
 
-    def sum(self, values: torch.Tensor) -> torch.Tensor:
-        """``values`` summed over every rank (a new tensor on ``values``' device; the input is left as it is)."""
+    def _reduce(self, values: torch.Tensor, op: str) -> torch.Tensor:
         if not self.active:
             return values
         buffer = values.detach().to(self._device(), copy=True)
-        torch.distributed.all_reduce(buffer)
+        torch.distributed.all_reduce(buffer, op=getattr(torch.distributed.ReduceOp, op))
         return buffer.to(values.device)
+
+    def sum(self, values: torch.Tensor) -> torch.Tensor:
+        """``values`` summed over every rank (a new tensor on ``values``' device; the input is left as it is)."""
+        return self._reduce(values, "SUM")
 
     def max(self, values: torch.Tensor) -> torch.Tensor:
         """Element-wise maximum over every rank."""
-        if not self.active:
-            return values
-        buffer = values.detach().to(self._device(), copy=True)
-        torch.distributed.all_reduce(buffer, op=torch.distributed.ReduceOp.MAX)
-        return buffer.to(values.device)
+        return self._reduce(values, "MAX")
 
     def sync_grads(self, params: Sequence[torch.nn.Parameter], loss: torch.Tensor) -> torch.Tensor:
         """Sum every parameter's gradient over the ranks, and the loss with them; returns the summed loss.

@@ -72,17 +72,11 @@ class DiskFeatureCache(FeatureCache):
         """Rows ``idx``, gathered from the file in ascending order (neighbouring rows share pages) and returned in
         the order asked."""
         order = torch.argsort(idx)
-        feats, final, labels = super().take(idx[order])
+        feats, final, labels = super().take(idx[order], device)
         back = torch.empty_like(order)
         back[order] = torch.arange(order.numel())
-        feats = [f[back] for f in feats]
-        final = final[back] if final is not None else None
-        labels = labels[back]
-        if device is not None:
-            feats = [f.to(device, non_blocking=True) for f in feats]
-            final = final.to(device, non_blocking=True) if final is not None else None
-            labels = labels.to(device, non_blocking=True)
-        return feats, final, labels
+        back = back.to(labels.device)
+        return [f[back] for f in feats], final[back] if final is not None else None, labels[back]
 
     def __repr__(self) -> str:
         widths = [f.shape[1] for f in self.features]
@@ -119,7 +113,7 @@ def data_fingerprint(dataset: Any) -> str:
     if isinstance(tensors, tuple):
         for t in tensors:
             digest.update(f"{t.dtype}{tuple(t.shape)}".encode())
-            digest.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+            digest.update(_as_bytes(t))
         return digest.hexdigest()
     indices = getattr(dataset, "indices", None)
     inner = getattr(dataset, "dataset", None)
@@ -144,10 +138,7 @@ def data_fingerprint(dataset: Any) -> str:
 
 def _leaves(item: Any) -> list[bytes]:
     if isinstance(item, torch.Tensor):
-        return [
-            f"{item.dtype}{tuple(item.shape)}".encode(),
-            item.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes(),
-        ]
+        return [f"{item.dtype}{tuple(item.shape)}".encode(), _as_bytes(item)]
     if isinstance(item, dict):
         return [b for k in sorted(item) for b in [str(k).encode(), *_leaves(item[k])]]
     if isinstance(item, (list, tuple)):

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._checks import all_finite
 from .adapters import AdapterRecord, AdapterSet
 from .backbones.base import BackboneSpec, StagedSpec
 from .config import ExitConfig, FitConfig
@@ -44,15 +45,6 @@ def make_driver(backbone: nn.Module, spec: BackboneSpec, exit_blocks: list[int],
     if isinstance(spec, StagedSpec):
         return StagedDriver(backbone, spec, exit_blocks, config)
     return HookedDriver(backbone, spec, exit_blocks)
-
-
-def _all_finite(x: torch.Tensor) -> bool:
-    """Whether no element is NaN or ±Inf: min and max propagate both, in one pass without a mask the size of
-    ``x`` (27× cheaper than ``isfinite(x).all()`` on a batch of 64 images on CPU), and one host sync."""
-    if x.numel() == 0:
-        return True
-    lo, hi = torch.aminmax(x)
-    return bool(torch.isfinite(lo) & torch.isfinite(hi))
 
 
 class EarlyExitModel(nn.Module):
@@ -359,7 +351,7 @@ class EarlyExitModel(nn.Module):
                 "resize or crop them to the backbone's input size."
             )
         self.driver.check_input(pixel_values, self.cost_table.input_shape if self.cost_table is not None else None)
-        if self.check_inputs and not _all_finite(pixel_values):
+        if self.check_inputs and not all_finite(pixel_values):
             bad = (~torch.isfinite(pixel_values)).flatten(1).any(1).nonzero().flatten().tolist()
             raise EexitValueError(
                 f"images {bad[:8]}{' ...' if len(bad) > 8 else ''} of the batch contain NaN or Inf pixels: every exit "

@@ -12,8 +12,8 @@ import os
 import sys
 from pathlib import Path
 
-import timm
 import torch
+from conftest import tiny_timm_vit  # this folder is on the path: the script lives in it
 from safetensors.torch import save_file
 from sklearn.datasets import load_digits
 
@@ -30,16 +30,7 @@ def data() -> tuple[torch.utils.data.TensorDataset, torch.utils.data.TensorDatas
 
 
 def model() -> torch.nn.Module:
-    return timm.create_model(
-        "vit_tiny_patch16_224",
-        pretrained=False,
-        img_size=16,
-        patch_size=4,
-        embed_dim=32,
-        depth=4,
-        num_heads=2,
-        num_classes=5,
-    )
+    return tiny_timm_vit(img_size=16, patch_size=4)  # the suite's tiny ViT, on the 16 px digits
 
 
 def main(out: Path, cache_dir: Path) -> None:
