@@ -122,6 +122,7 @@ def attach(
     _ATTACHED.add(model)
     try:
         ee.cost_table = measure_cost_table(ee, shape)  # type: ignore[arg-type]
+        ee.prepare_segments(shape)  # type: ignore[arg-type]
     except Exception:
         detach(ee)
         raise

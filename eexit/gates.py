@@ -19,8 +19,12 @@ numpy on the CPU.
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -52,8 +56,11 @@ class ExitHistory:
     def after(self, logits: torch.Tensor) -> ExitHistory:
         """The history the next exit sees once the running samples have passed an exit with ``logits`` [b, C]."""
         with torch.no_grad():
-            logp = torch.log_softmax(logits.detach().float(), dim=-1)  # [b, C]
-            return ExitHistory(logp, _agree_run(logp, self))
+            return self.after_log_probs(torch.log_softmax(logits.detach().float(), dim=-1))
+
+    def after_log_probs(self, logp: torch.Tensor) -> ExitHistory:
+        """:meth:`after`, from the exit's log-softmax ``[b, C]`` float32 when the caller has it already."""
+        return ExitHistory(logp, _agree_run(logp, self))
 
     def select(self, index: torch.Tensor) -> ExitHistory:
         """Keep the samples at ``index`` (positions in the running batch)."""
@@ -87,37 +94,52 @@ def gate_statistics(
     """
     with torch.no_grad():
         logits = logits.detach().float()
-        logp = torch.log_softmax(logits, dim=-1)  # [B, C]
-        p = logp.exp()
-        stats: dict[str, torch.Tensor] = {}
-        if any(f in HISTORY_FEATURES for f in features):
-            stats.update(_history_statistics(logp, p, history or ExitHistory()))
-        if "max_prob" in features or "margin" in features:
-            top = p.topk(min(2, p.shape[-1]), dim=-1).values  # [B, 2]
-            stats["max_prob"] = top[:, 0]
-            stats["margin"] = top[:, 0] - top[:, 1] if top.shape[-1] > 1 else top[:, 0]
-        if "entropy" in features:
-            stats["entropy"] = -(p * logp).sum(-1)  # [B]
-        if "entropy_pow" in features:
-            # p²/Σp² is softmax(2·logits): computing it that way stays finite where p² would underflow.
-            logp2 = torch.log_softmax(2.0 * logits, dim=-1)
-            stats["entropy_pow"] = -(logp2.exp() * logp2).sum(-1)  # [B]
-        return torch.stack([stats[name] for name in features], dim=-1)  # [B, F]
+        return _statistics(logits, features, history)[0]
 
 
-def _history_statistics(logp: torch.Tensor, p: torch.Tensor, history: ExitHistory) -> dict[str, torch.Tensor]:
-    """Agreement and confidence across exits: what a per-exit confidence threshold cannot see."""
+def _statistics(
+    logits: torch.Tensor, features: Sequence[str], history: ExitHistory | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """:func:`gate_statistics` from float32 ``logits`` ``[B, C]``, with the log-softmax ``[B, C]`` and the agreement
+    run ``[B]`` it computed on the way (``None`` when no history feature asked for it), which the next exit's
+    history reuses (at batch 1 each small op's dispatch costs more than its arithmetic: none is done twice).
+    """
+    stats: dict[str, torch.Tensor] = {}
+    run = None
+    logp = torch.log_softmax(logits, dim=-1)
+    p = logp.exp()
+    if "entropy" in features:
+        stats["entropy"] = -(p * logp).sum(-1)  # [B]
+    if "entropy_pow" in features:
+        # p²/Σp² is softmax(2·logits): computing it that way stays finite where p² would underflow.
+        logp2 = torch.log_softmax(2.0 * logits, dim=-1)
+        stats["entropy_pow"] = -(logp2.exp() * logp2).sum(-1)  # [B]
+    if any(f in HISTORY_FEATURES for f in features):
+        history_stats, run = _history_statistics(logp, p, history or ExitHistory())
+        stats.update(history_stats)
+    if "max_prob" in features or "margin" in features:
+        top = p.topk(min(2, p.shape[-1]), dim=-1).values  # [B, 2]
+        stats["max_prob"] = top[:, 0]
+        stats["margin"] = top[:, 0] - top[:, 1] if top.shape[-1] > 1 else top[:, 0]
+    return torch.stack([stats[name] for name in features], dim=-1), logp, run  # [B, F], [B, C], [B]
+
+
+def _history_statistics(
+    logp: torch.Tensor, p: torch.Tensor, history: ExitHistory
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Agreement and confidence across exits: what a per-exit confidence threshold cannot see; and the run."""
     if history.log_probs is None:
         zeros = logp.new_zeros(logp.shape[0])
-        return {"prev_max_prob": zeros, "agree_prev": zeros, "agree_run": zeros, "kl_prev": zeros}
+        return {"prev_max_prob": zeros, "agree_prev": zeros, "agree_run": zeros, "kl_prev": zeros}, zeros
     prev = history.log_probs  # [B, C]
     run = _agree_run(logp, history)  # [B]
-    return {
+    stats = {
         "prev_max_prob": prev.exp().amax(-1),
         "agree_prev": (run > 0).float(),
         "agree_run": run,
         "kl_prev": (p * (logp - prev)).sum(-1).clamp(min=0.0),  # KL(p_l || p_{l-1})
     }
+    return stats, run
 
 
 class Gate(nn.Module):
@@ -137,6 +159,90 @@ class Gate(nn.Module):
     def forward(self, im_logits: torch.Tensor, history: ExitHistory | None = None) -> torch.Tensor:
         stats = gate_statistics(im_logits, self.features, history).to(self.linear.weight.dtype)  # [B, F]
         return self.linear(stats).squeeze(-1)  # [B]
+
+    def step(self, im_logits: torch.Tensor, history: ExitHistory | None) -> tuple[torch.Tensor, ExitHistory | None]:
+        """The gate logit ``[B]`` and the history the next exit sees, from one log-softmax of the IM's logits.
+
+        What ``forward`` and ``history.after`` compute, with the same numbers, in one pass (the early-exit forward
+        and exported segments). ``history`` is ``None`` when the gates read no earlier exit; then ``None`` comes
+        back. In eager mode this is one TorchScript call: at batch 1 the ~30 small ops cost far more to dispatch
+        from Python than to compute.
+        """
+        with _no_grad():
+            logits = im_logits.detach().float()
+            fused = None if torch.compiler.is_compiling() or torch.jit.is_tracing() else _fused_step()
+            if fused is not None:
+                index = self._feature_index(logits.device)
+                prev = history.log_probs if history is not None else None
+                run = history.run if history is not None else None
+                gate_logit, logp, run = fused(logits, prev, run, index, self.linear.weight, self.linear.bias)
+                return gate_logit, (ExitHistory(logp, run) if history is not None else None)
+            stats, logp, run = _statistics(logits, self.features, history)
+            after = None
+            if history is not None:
+                after = ExitHistory(logp, run if run is not None else _agree_run(logp, history))
+        return self.linear(stats.to(self.linear.weight.dtype)).squeeze(-1), after
+
+    def _feature_index(self, device: torch.device) -> torch.Tensor:
+        cached = self.__dict__.get("_index")
+        if cached is None or cached.device != device:
+            order = list(_FUSED_ORDER)
+            cached = torch.tensor([order.index(f) for f in self.features], device=device)
+            self.__dict__["_index"] = cached
+        return cached
+
+
+#: The order in which the fused step computes every statistic (a gate then picks its own, in its order).
+_FUSED_ORDER = ("max_prob", "entropy", "margin", "entropy_pow", "prev_max_prob", "agree_prev", "agree_run", "kl_prev")
+
+
+def _no_grad() -> Any:
+    # Entering no_grad costs a few microseconds per exit; under inference_mode / no_grad it is already off.
+    return torch.no_grad() if torch.is_grad_enabled() else contextlib.nullcontext()
+
+
+@functools.cache
+def _fused_step() -> Any:
+    """Every gate statistic, the gate's Linear and the next history, as one TorchScript function (scripted once,
+    at the first early-exit forward, so ``import eexit`` does not pay for it). The ops are those of
+    :func:`_statistics` in the same order, so the numbers are the same."""
+
+    def fused(
+        logits: torch.Tensor,
+        prev: torch.Tensor | None,
+        prev_run: torch.Tensor | None,
+        index: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        logp = torch.log_softmax(logits, dim=-1)
+        p = logp.exp()
+        entropy = -(p * logp).sum(-1)
+        logp2 = torch.log_softmax(2.0 * logits, dim=-1)
+        entropy_pow = -(logp2.exp() * logp2).sum(-1)
+        top = p.topk(min(2, p.shape[-1]), dim=-1).values
+        margin = top[:, 0] - top[:, 1] if top.shape[-1] > 1 else top[:, 0]
+        if prev is None or prev_run is None:
+            zeros = logp.new_zeros(logp.shape[0])
+            prev_max, agree_prev, run, kl = zeros, zeros, zeros, zeros
+        else:
+            agree = (logp.argmax(-1) == prev.argmax(-1)).float()
+            run = agree * (1.0 + prev_run)
+            prev_max = prev.exp().amax(-1)
+            agree_prev = (run > 0).float()
+            kl = (p * (logp - prev)).sum(-1).clamp(min=0.0)
+        stats = torch.stack([top[:, 0], entropy, margin, entropy_pow, prev_max, agree_prev, run, kl], dim=-1)
+        stats = stats.index_select(-1, index).to(weight.dtype)
+        return torch.nn.functional.linear(stats, weight, bias).squeeze(-1), logp, run
+
+    # torch.jit.script is deprecated in favour of torch.compile, which cannot help here (eager inference, no
+    # warm-up compile wanted); if scripting goes away, the plain Python path below serves (same numbers, slower).
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            return torch.jit.script(fused)
+    except Exception:  # any scripting failure means: use the Python path
+        return None
 
 
 def hazard_exit_probabilities(gate_values: torch.Tensor) -> torch.Tensor:

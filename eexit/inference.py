@@ -42,16 +42,17 @@ class ExitState:
         zeros = torch.zeros(batch, device=device)
         return cls(torch.arange(batch, device=device), zeros, zeros.clone(), ExitHistory() if with_history else None)
 
-    def advance(self, gate_logit: torch.Tensor | None, logits: torch.Tensor | None = None) -> None:
+    def advance(self, gate_logit: torch.Tensor | None, logits: torch.Tensor | None = None, sums: bool = True) -> None:
         """Add this exit's gate value and exit probability to the running sums (all running samples).
 
         Args:
             gate_logit: this exit's gate logits ``[b]`` (``None`` at the last exit).
             logits: this exit's IM logits ``[b, C]``, recorded in the history when the gates read it.
+            sums: update ``gate_sum`` and ``prob_sum`` (skipped for policies that never read them).
         """
         if self.history is not None and logits is not None:
             self.history = self.history.after(logits)
-        if gate_logit is None:
+        if gate_logit is None or not sums:
             return
         g = torch.sigmoid(gate_logit.float())  # [b]
         p_here = torch.clamp(torch.minimum(g, 1.0 - self.gate_sum), min=0.0)
@@ -68,7 +69,12 @@ class ExitState:
 
 
 class ExitPolicy(Protocol):
-    """Decides which running samples stop at intermediate exit ``exit_index`` (never called at the last)."""
+    """Decides which running samples stop at intermediate exit ``exit_index`` (never called at the last).
+
+    A policy may set ``reads_sums = False`` to say it never reads ``state.gate_sum`` / ``state.prob_sum``, and
+    ``reads_gates = False`` to say it never reads ``gate_logit`` (it is then ``None``); the early-exit forward then
+    computes neither (a few dozen small ops per exit, which count at batch 1).
+    """
 
     def __call__(
         self, exit_index: int, logits: torch.Tensor, gate_logit: torch.Tensor | None, state: ExitState
@@ -90,6 +96,7 @@ class GatePolicy:
     """
 
     def __init__(self, threshold: float = 0.5, gates: str = "hazard") -> None:
+        # Only the additive (paper) model's ratio reads the running sums; the early-exit forward skips them otherwise.
         if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0.0 < threshold <= 1.0:
             raise EexitValueError(
                 f"threshold (τ) must be in (0, 1], got {threshold!r}; τ = 1 keeps every sample to the last exit."
@@ -98,6 +105,7 @@ class GatePolicy:
             raise EexitValueError(f"gates={gates!r} is not a gate kind; expected one of {list(GATE_KINDS)}.")
         self.threshold = float(threshold)
         self.gates = gates
+        self.reads_sums = gates == "paper"
 
     def score(
         self, exit_index: int, logits: torch.Tensor, gate_logit: torch.Tensor | None, state: ExitState
@@ -122,6 +130,10 @@ class GatePolicy:
 class ThresholdPolicy:
     """Confidence-threshold exits (BranchyNet / MSDNet): exit where max softmax probability >= η_l."""
 
+    #: Reads neither the gates nor their running sums: the early-exit forward computes neither.
+    reads_sums = False
+    reads_gates = False
+
     def __init__(self, thresholds: Sequence[float] | torch.Tensor) -> None:
         self.thresholds = torch.as_tensor(thresholds, dtype=torch.float64)
 
@@ -134,10 +146,18 @@ class ThresholdPolicy:
 
 
 class FixedExitPolicy:
-    """Each sample exits at a given exit index (for benchmarks and tests of the exit machinery)."""
+    """Each sample exits at a given exit index (for benchmarks and tests of the exit machinery).
 
-    def __init__(self, exit_index: torch.Tensor) -> None:
+    Args:
+        exit_index: the exit of each sample of the batch, ``[B]``.
+        reads_gates: whether the forward should still compute the gates (a benchmark that wants their cost in).
+    """
+
+    reads_sums = False
+
+    def __init__(self, exit_index: torch.Tensor, reads_gates: bool = False) -> None:
         self.exit_index = exit_index.long()
+        self.reads_gates = reads_gates
 
     def __call__(
         self, exit_index: int, logits: torch.Tensor, gate_logit: torch.Tensor | None, state: ExitState

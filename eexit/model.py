@@ -32,6 +32,7 @@ from .hooked import HookedDriver
 from .inference import ExitPolicy, GatePolicy
 from .outputs import AllExitsOutput, EarlyExitOutput
 from .recorder import ExitCollector, ExitRecorder, FeatureSink
+from .segments import SegmentsUnavailable, prepare_segments, run_segments
 from .staged import StagedDriver
 
 __all__ = ["AllExitsOutput", "EarlyExitModel", "EarlyExitOutput", "make_driver"]
@@ -95,6 +96,11 @@ class EarlyExitModel(nn.Module):
         # Named adapters: the active one's name and the records of every other one.
         self.adapters = AdapterSet()
         self._restore: Callable[[], None] | None = None
+        # The backbone as one segment per exit (eexit.segments), when its spec can run it so and attach checked
+        # they reproduce the hooked forward: early exit then runs them (or their compiled versions).
+        self._segments: list[nn.Module] | None = None
+        self._segments_reason: str | None = "attach has not checked this model's segments"
+        self._compiled: list[Callable[..., Any]] | None = None
         # Inference-ready, like the model it wraps: a dropout inside a copied head must not fire at inference.
         # The backbone's modes are install()'s to record and change.
         self.training = False
@@ -416,17 +422,79 @@ class EarlyExitModel(nn.Module):
         pixel_values = self._check_input(pixel_values)
         if all_exits:
             return self.run_all_exits(pixel_values)
+        segments = self._compiled or self._segments
+        # Segments carry the gates' history and the earlier exits' logits themselves; the hooks need the recorder to.
         recorder = ExitRecorder(
             self.exit_output,
             self.num_exits,
             pixel_values.shape[0],
             pixel_values.device,
             self._check_policy(policy),
-            with_history=self.uses_history,
-            keep_earlier=self.driver.reads_earlier_exits,
+            with_history=self.uses_history and segments is None,
+            keep_earlier=self.driver.reads_earlier_exits and segments is None,
         )
-        logits, exit_index = recorder.finish(self.driver.run(pixel_values, recorder))
+        if segments is not None:
+            # Eager segments skip the gates for a policy that never reads them (confidence thresholds, fixed exits).
+            reads_gates = self._compiled is not None or bool(getattr(recorder.policy, "reads_gates", True))
+            run_segments(segments, pixel_values, recorder, gates=reads_gates)
+            logits, exit_index = recorder.finish()
+        else:
+            logits, exit_index = recorder.finish(self.driver.run(pixel_values, recorder))
         return EarlyExitOutput(logits=logits, exit_index=exit_index, cost=self._costs_of(exit_index))
+
+    # ------------------------------------------------------------------ segments: compile and export
+    def prepare_segments(self, input_shape: tuple[int, ...]) -> None:
+        """Build the segments and check them on a probe batch of ``input_shape`` (attach calls this)."""
+        self._segments, self._segments_reason = prepare_segments(self, input_shape)
+        self._compiled = None
+
+    @property
+    def segments(self) -> list[nn.Module]:
+        """The backbone as one segment per exit (see :mod:`eexit.segments`): eager modules, in exit order.
+
+        Raises:
+            SegmentsUnavailable: the backbone's spec cannot run it as segments; the message says why.
+        """
+        if self._segments is None:
+            raise SegmentsUnavailable(f"{self._segments_reason}.")
+        return list(self._segments)
+
+    def compile(self, backend: str = "inductor", *, mode: str | None = None, **options: Any) -> EarlyExitModel:
+        """Compile every segment with ``torch.compile`` for early-exit inference; returns the model itself.
+
+        The batch dimension is compiled as a dynamic size that is never specialised (batch 1 included), so the
+        batch shrinking from segment to segment does not recompile: one compilation per segment, at its first call.
+        Outputs equal the eager forward's within float tolerance, with the same exit decisions. Training and
+        ``all_exits=True`` stay eager. Undo with :meth:`uncompile`.
+
+        Args:
+            backend: the ``torch.compile`` backend (``"inductor"``; ``"aot_eager"`` or ``"eager"`` to debug).
+            mode: the inductor mode (``"reduce-overhead"``, ``"max-autotune"``, ...).
+            options: inductor options (``torch.compile(options=...)``).
+
+        Raises:
+            SegmentsUnavailable: the backbone cannot be run as segments (the reason is named).
+        """
+        from .compiling import compile_segments
+
+        self._compiled = compile_segments(self.segments, backend=backend, mode=mode, options=options)
+        return self
+
+    def uncompile(self) -> EarlyExitModel:
+        """Go back to the eager segments (drops the compiled ones)."""
+        self._compiled = None
+        return self
+
+    @property
+    def is_compiled(self) -> bool:
+        """Whether early exit runs compiled segments (:meth:`compile`)."""
+        return self._compiled is not None
+
+    def export(self, folder: str | Any, format: str = "onnx", **kwargs: Any) -> Any:
+        """Export the segments as graphs with a dynamic batch axis plus a manifest (see :func:`eexit.export.export`)."""
+        from .export import export
+
+        return export(self, folder, format=format, **kwargs)
 
     def extra_repr(self) -> str:
         return f"num_exits={self.num_exits}, exit_blocks={self.exit_blocks}, num_classes={self.num_classes}"

@@ -153,6 +153,8 @@ class ExitRecorder:
         self.exit_fn = exit_fn
         self.num_exits = num_exits
         self.policy = policy
+        # A policy that says it never reads the running gate sums (reads_sums = False) spares their update per exit.
+        self.track_sums = bool(getattr(policy, "reads_sums", True))
         self.keep_earlier = keep_earlier
         self.state = ExitState.start(batch, device, with_history=with_history)
         self.exit_index = torch.full((batch,), num_exits - 1, dtype=torch.long, device=device)
@@ -164,17 +166,27 @@ class ExitRecorder:
         return self.state.positions.shape[0]
 
     def add(self, k: int, feature: torch.Tensor) -> Step:
+        logits, gate_logit = self.exit_fn(k, feature, self.earlier, self.state.history)  # [b, C], [b]
+        return self.decide(k, logits, gate_logit)
+
+    def decide(self, k: int, logits: torch.Tensor, gate_logit: torch.Tensor | None) -> Step:
+        """Exit k's outputs on the running samples are known: record who stops, say how the driver goes on.
+
+        The segmented runner (:mod:`eexit.segments`) computes the exit itself and calls this directly.
+        """
         state = self.state
-        logits, gate_logit = self.exit_fn(k, feature, self.earlier, state.history)  # [b, C], [b]
         if k == self.num_exits - 1:
-            stop = torch.ones_like(state.positions, dtype=torch.bool)
-        else:
-            stop = self.policy(k, logits, gate_logit, state)  # [b]
-        self._write(state.positions[stop], logits[stop], k)
+            self._write(state.positions, logits, k)
+            return STOP
+        stop = self.policy(k, logits, gate_logit, state)  # [b]
         stopped = int(stop.sum())  # the one host sync of this exit
         if stopped == stop.numel():
+            self._write(state.positions, logits, k)
             return STOP
-        state.advance(gate_logit, logits)
+        if stopped:
+            # Only samples that stop are written: nothing is gathered or scattered at an exit nobody takes.
+            self._write(state.positions[stop], logits[stop], k)
+        state.advance(gate_logit, logits, sums=self.track_sums)
         if self.keep_earlier:
             self.earlier.append(logits)
         if not stopped:
@@ -199,6 +211,12 @@ class ExitRecorder:
 
     def _write(self, rows: torch.Tensor, logits: torch.Tensor, k: int | None) -> None:
         if self.logits is None:
+            if rows.shape[0] == self.exit_index.shape[0]:
+                # Everyone stops at the first exit that writes (always so at batch 1): its logits are the output.
+                self.logits = logits
+                if k is not None:
+                    self.exit_index.fill_(k)
+                return
             self.logits = logits.new_zeros(self.exit_index.shape[0], logits.shape[-1])
         self.logits[rows] = logits.to(self.logits.dtype)
         if k is not None:

@@ -103,6 +103,23 @@ class BackboneSpec:
         """Provenance stored with an adapter: model class, base model id and revision where known."""
         return {"family": self.name, "model_class": type(model).__name__}
 
+    # ------------------------------------------------------------------ segments (eexit.segments)
+    #: Whether the spec can run the backbone as segments without its own forward (:meth:`embed`, :meth:`run_block`,
+    #: :meth:`final_logits`): what the eager early-exit path, ``ee.compile`` and ``ee.export`` use.
+    segments = False
+
+    def embed(self, model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Images ``[B, C, H, W]`` to the hidden states ``[B, N, D]`` block 0 reads (what the forward does first)."""
+        raise NotImplementedError
+
+    def run_block(self, model: nn.Module, index: int, hidden: torch.Tensor) -> torch.Tensor:
+        """Run block ``index`` on hidden states ``[B, N, D]`` as the backbone's forward calls it."""
+        return self.hidden(self.blocks(model)[index][1](hidden))
+
+    def final_logits(self, model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        """The backbone head's logits ``[B, C]`` from the last block's hidden states (models with a head)."""
+        raise NotImplementedError
+
 
 class StagedSpec(BackboneSpec):
     """A backbone run as stages, stage k ending at the model's own exit classifier k.
@@ -139,6 +156,14 @@ class StagedSpec(BackboneSpec):
 
     def shrink_state(self, model: nn.Module, state: Any, keep: torch.Tensor) -> Any:
         """Keep only the samples at positions ``keep`` (a 1-D index tensor) in every batch-sized part of ``state``."""
+        raise NotImplementedError
+
+    def state_tensors(self, state: Any) -> tuple[torch.Tensor, ...]:
+        """The batch-first tensors of a stage state, for segments (whose carry is a flat tuple of tensors)."""
+        raise NotImplementedError
+
+    def state_from_tensors(self, model: nn.Module, tensors: tuple[torch.Tensor, ...]) -> Any:
+        """The stage state back from :meth:`state_tensors`."""
         raise NotImplementedError
 
     def default_input_size(self, model: nn.Module) -> tuple[int, int, int] | None:

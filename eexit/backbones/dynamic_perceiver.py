@@ -124,6 +124,14 @@ class DynPerceiverSpec(StagedSpec):
     def shrink_state(self, model: nn.Module, state: Any, keep: torch.Tensor) -> Any:
         return model.shrink(state, keep)
 
+    segments = True
+
+    def state_tensors(self, state: Any) -> tuple[torch.Tensor, ...]:
+        return (state.x, state.z)  # the stages read the exits' logits from the driver, not from the state
+
+    def state_from_tensors(self, model: nn.Module, tensors: tuple[torch.Tensor, ...]) -> Any:
+        return _state(*tensors)
+
 
 # ---------------------------------------------------------------------- trunks: forward_stages minus classifiers
 def _state(x: torch.Tensor, z: torch.Tensor) -> DynPerceiverState:

@@ -8,6 +8,7 @@ first block, so its cost is in every exit's cost.
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from .base import register_spec
@@ -22,6 +23,15 @@ class T2TViTSpec(TimmTokenSpec):
     name = "t2t_vit"
 
     classes = (("eexit.models.t2t_vit", "T2TViT"),)
+
+    segments = True
+
+    def embed(self, model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
+        # T2TViT.forward_features up to its blocks (its input check is eexit's own, done before).
+        return model._pos_embed(model.tokens_to_token(pixel_values))
+
+    def final_logits(self, model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        return model.forward_head(model.norm(hidden))
 
     def input_shape(self, model: nn.Module) -> tuple[int | None, int | None, int | None]:
         # The position table is fixed at construction: only square images of img_size fit.

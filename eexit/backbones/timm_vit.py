@@ -78,8 +78,18 @@ class TimmViTSpec(TimmTokenSpec):
 
     classes = (("timm.models.vision_transformer", "VisionTransformer"),)
 
+    segments = True
+
     def matches(self, model: nn.Module) -> bool:
         return type(model).__module__.startswith("timm.") and super().matches(model)
+
+    def embed(self, model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
+        # VisionTransformer.forward_features up to its blocks.
+        x = model._pos_embed(model.patch_embed(pixel_values))
+        return model.norm_pre(model.patch_drop(x))
+
+    def final_logits(self, model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        return model.forward_head(model.norm(hidden))
 
 
 register_spec(TimmViTSpec())
