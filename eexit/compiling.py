@@ -64,7 +64,8 @@ def compile_segments(
         raise EexitValueError(f"mode and options apply to the inductor backend only, not to backend={backend!r}.")
     if mode is not None and options:
         raise EexitValueError("pass either mode or inductor options to ee.compile, not both (torch.compile's rule).")
-    kwargs: dict[str, Any] = {"backend": backend, "dynamic": True, "mode": mode, "options": options or None}
+    # dynamic=None: only the batch dimension (marked unbacked at each call) is symbolic; every other size stays static.
+    kwargs: dict[str, Any] = {"backend": backend, "dynamic": None, "mode": mode, "options": options or None}
     return [
         CompiledSegment(segment, torch.compile(segment, **kwargs), inductor=backend == "inductor")
         for segment in segments

@@ -49,6 +49,18 @@ class SegmentsUnavailable(BackboneError):
     """This model cannot be run as segments (so neither compiled per segment nor exported); the message says why."""
 
 
+def _check_batch(carry: Sequence[torch.Tensor]) -> None:
+    """Tell the tracer what early exit guarantees: every carry tensor has the same, non-zero batch size.
+
+    Compiled segments see each carry tensor's batch as its own unbacked size; without this, an op that combines two
+    of them, or checks for an empty input (BatchNorm does), cannot be traced and the graph breaks.
+    """
+    batch = carry[0].shape[0]
+    torch._check(batch > 0)
+    for tensor in carry[1:]:
+        torch._check(tensor.shape[0] == batch)
+
+
 class TokenSegment(nn.Module):
     """Segment k of a token backbone: the blocks after exit k-1 up to exit k's block, then exit k.
 
@@ -71,6 +83,7 @@ class TokenSegment(nn.Module):
     def forward(self, *carry: torch.Tensor, gates: bool = True) -> tuple[torch.Tensor | None, ...]:
         """Run the segment; ``gates=False`` (eager only, for policies that read no gate) skips the gate and its
         history, and then the carry holds no history either."""
+        _check_batch(carry)
         history_in = self.uses_history and gates
         if self.k == 0:
             hidden = self.spec.embed(self.backbone, carry[0])
@@ -106,6 +119,7 @@ class StageSegment(nn.Module):
 
     def forward(self, *carry: torch.Tensor, gates: bool = True) -> tuple[torch.Tensor | None, ...]:
         """Run the segment; ``gates=False`` as for :class:`TokenSegment`."""
+        _check_batch(carry)
         k = self.k
         history_in = self.uses_history and gates
         if k == 0:

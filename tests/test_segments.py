@@ -81,7 +81,7 @@ def test_a_forward_the_spec_does_not_know_falls_back_to_hooks_with_a_warning():
     # A customised model: its forward no longer calls _pos_embed as timm's does, so the segments (which do) differ.
     real_pos_embed = model._pos_embed
     model._pos_embed = lambda x: real_pos_embed(x) * 1.5
-    model.forward_features = lambda x: model.norm(model.blocks(real_pos_embed(model.patch_embed(x))))
+    model.forward_features = lambda x, **kwargs: model.norm(model.blocks(real_pos_embed(model.patch_embed(x))))
     with pytest.warns(UserWarning, match="does not reproduce its own forward"):
         ee = eexit.attach(model)
     with pytest.raises(SegmentsUnavailable, match="does not reproduce"):
