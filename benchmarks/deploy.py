@@ -1,0 +1,172 @@
+"""Early exit where models are served: eager, torch.compile and ONNX Runtime, each against the bare backbone run
+the same way, at batch 1 and 64.
+
+    python benchmarks/deploy.py [--model vit_small_patch16_224] [--batches 1,64] [--modes eager,compiled,onnx]
+                                [--repeats 5] [--repeats-b1 25] [--json benchmarks/deploy.json]
+
+For a timm ViT (random weights, 224 px, 11 IMs + the head) it measures, per mode and batch size:
+
+* overhead with no exit: time(eexit, every sample to the last exit, every gate computed) / time(bare) - 1, with
+  the model's own gate policy at τ = 1 (no gate says "exit"); and the same with a policy that reads no gate
+  (confidence thresholds: the eager forward then skips the gates);
+* realised / predicted speed-up at about 25 / 50 / 75 % of the backbone's cost: every sample leaves at the exit
+  nearest the target ("one exit"), or at batch 64 also a share leaves at the first exit and the rest run to the
+  end ("mixed"); exits are imposed (gates still computed), realised = time(bare) / time(eexit), predicted =
+  backbone FLOPs / mean FLOPs of the pattern.
+
+Bare references: eager = ``model(x)``; compiled = ``torch.compile(model)`` (static shapes, compiled per batch
+size: the best case for the bare model); onnx = the whole backbone exported with a dynamic batch and run by ONNX
+Runtime with the same threads. Variants interleave (A B C A B C ...) and medians are reported, because these
+machines are noisy. Endpoints fixed before running: overhead at batch 1 (goal <= 3 %, eager) and realised /
+predicted (goal >= 0.9 everywhere).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import timm
+import torch
+from speed import _patterns, _time  # this folder is on the path when a script here runs
+
+import eexit
+from eexit.inference import FixedExitPolicy, ThresholdPolicy
+
+
+def _onnx_bare(model: torch.nn.Module, folder: Path, threads: int) -> Callable[[torch.Tensor], object]:
+    import onnxruntime as ort
+
+    path = folder / "bare.onnx"
+    batch = torch.export.Dim("batch", min=1)
+    program = torch.onnx.export(
+        model, (torch.randn(2, 3, 224, 224),), dynamo=True, dynamic_shapes=({0: batch},), verbose=False
+    )
+    program.save(str(path))
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    session = ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    return lambda x: session.run(None, {name: x.numpy()})
+
+
+def _runner(mode: str, model, ee, folder: Path, threads: int):
+    """(bare forward, early-exit forward(x, policy)) for a mode."""
+    if mode == "eager":
+        return model, lambda x, policy: ee(x, policy=policy)
+    if mode == "compiled":
+        bare = torch.compile(model)
+        ee.compile()
+        return bare, lambda x, policy: ee(x, policy=policy)
+    if mode == "onnx":
+        from eexit.runtime import OnnxEarlyExit
+
+        import onnxruntime as ort
+
+        ee.uncompile()
+        ee.export(folder / "segments", overwrite=True)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        runtime = OnnxEarlyExit(folder / "segments", session_options=options)
+        return _onnx_bare(model, folder, threads), lambda x, policy: runtime(x, policy=policy)
+    raise SystemExit(f"unknown mode {mode!r}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="vit_small_patch16_224")
+    parser.add_argument("--batches", default="1,64")
+    parser.add_argument("--modes", default="eager,compiled,onnx")
+    parser.add_argument("--repeats", type=int, default=5, help="repeats at batch > 1")
+    parser.add_argument("--repeats-b1", type=int, default=25, help="repeats at batch 1 (each run is short)")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    batches = [int(b) for b in args.batches.split(",")]
+    threads = torch.get_num_threads()
+
+    torch.manual_seed(0)
+    model = timm.create_model(args.model, pretrained=False, num_classes=100).eval()
+    ee = eexit.attach(model)
+    fractions = ee.cost_table.fraction_of_backbone()
+    last = ee.num_exits - 1
+    results = {
+        "model": args.model,
+        "device": platform.processor() or "cpu",
+        "cores": os.cpu_count(),
+        "threads": threads,
+        "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%d"),
+        "rows": [],
+    }
+    print(f"{args.model}, {ee.num_exits} exits, cpu threads {threads}, torch {torch.__version__}")
+    with tempfile.TemporaryDirectory() as tmp, torch.inference_mode():
+        for mode in args.modes.split(","):
+            start = time.perf_counter()
+            bare, early = _runner(mode, model, ee, Path(tmp), threads)
+            setup = time.perf_counter() - start
+            for batch in batches:
+                x = torch.randn(batch, 3, 224, 224, generator=torch.Generator().manual_seed(batch))
+                patterns = _patterns(fractions, batch, [0.25, 0.50, 0.75])
+                if batch == 1:
+                    patterns = {k: v for k, v in patterns.items() if "mixed" not in k}
+                runs: dict[str, Callable[[], object]] = {"bare": lambda x=x: bare(x)}
+                runs["no exit, gates (overhead)"] = lambda x=x: early(x, ee.default_policy(1.0))
+                no_gate = ThresholdPolicy([2.0] * last + [0.0])  # a confidence policy nobody passes
+                runs["no exit, no gate read (overhead)"] = lambda x=x: early(x, no_gate)
+                for name, index in patterns.items():
+                    if name.startswith("no exit"):
+                        continue
+                    policy = FixedExitPolicy(index, reads_gates=True)
+                    runs[name] = lambda x=x, policy=policy: early(x, policy)
+                start = time.perf_counter()
+                for fn in runs.values():  # warm-up (and the compilations, counted apart)
+                    fn()
+                warm = time.perf_counter() - start
+                times: dict[str, list[float]] = {name: [] for name in runs}
+                for _ in range(args.repeats_b1 if batch == 1 else args.repeats):
+                    for name, fn in runs.items():
+                        times[name].append(_time(fn, torch.device("cpu")))
+                t_bare = statistics.median(times["bare"])
+                print(f"\n{mode}, batch {batch}: bare {1000 * t_bare:.2f} ms (setup {setup:.0f} s, warm-up {warm:.0f} s)")
+                print("| pattern | mean cost (% of backbone) | ms | realised | predicted | realised / predicted |")
+                print("|---|---|---|---|---|---|")
+                for name in runs:
+                    if name == "bare":
+                        continue
+                    t = statistics.median(times[name])
+                    if name.startswith("no exit"):
+                        frac = fractions[last]
+                    else:
+                        frac = sum(fractions[int(k)] for k in patterns[name]) / batch
+                    realised, predicted = t_bare / t, 1.0 / frac
+                    print(
+                        f"| {name} | {100 * frac:.1f} | {1000 * t:.2f} | {realised:.3f} | {predicted:.3f} | "
+                        f"{realised / predicted:.3f} |"
+                    )
+                    results["rows"].append(
+                        {
+                            "mode": mode,
+                            "batch": batch,
+                            "pattern": name,
+                            "cost_fraction": frac,
+                            "ms": 1000 * t,
+                            "bare_ms": 1000 * t_bare,
+                            "overhead": t / t_bare - 1 if name.startswith("no exit") else None,
+                            "realised": realised,
+                            "predicted": predicted,
+                            "spread_ms": [1000 * min(times[name]), 1000 * max(times[name])],
+                        }
+                    )
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
