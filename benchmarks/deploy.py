@@ -16,7 +16,8 @@ For a timm ViT (random weights, 224 px, 11 IMs + the head) it measures, per mode
 
 Bare references: eager = ``model(x)``; compiled = ``torch.compile(model)`` (static shapes, compiled per batch
 size: the best case for the bare model); onnx = the whole backbone exported with a dynamic batch and run by ONNX
-Runtime with the same threads. Variants interleave (A B C A B C ...) and medians are reported, because these
+Runtime with the same threads and its default thread spinning (eexit's sessions do not spin: they run one after
+another). Variants interleave (A B C A B C ...) and medians are reported, because these
 machines are noisy. Endpoints fixed before running: overhead at batch 1 (goal <= 3 %, eager) and realised /
 predicted (goal >= 0.9 everywhere).
 """
@@ -68,15 +69,70 @@ def _runner(mode: str, model, ee, folder: Path, threads: int):
     if mode == "onnx":
         from eexit.runtime import OnnxEarlyExit
 
-        import onnxruntime as ort
-
         ee.uncompile()
         ee.export(folder / "segments", overwrite=True)
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        runtime = OnnxEarlyExit(folder / "segments", session_options=options)
+        runtime = OnnxEarlyExit(folder / "segments")  # its defaults: torch's threads, no spinning between sessions
         return _onnx_bare(model, folder, threads), lambda x, policy: runtime(x, policy=policy)
     raise SystemExit(f"unknown mode {mode!r}")
+
+
+def _measure(mode: str, batch: int, bare, early, ee, args, setup: float) -> list[dict]:
+    """Time the bare backbone and every eexit variant at one batch size, interleaved; the table rows."""
+    fractions = ee.cost_table.fraction_of_backbone()
+    last = ee.num_exits - 1
+    x = torch.randn(batch, 3, 224, 224, generator=torch.Generator().manual_seed(batch))
+    patterns = _patterns(fractions, batch, [0.25, 0.50, 0.75])
+    if batch == 1:
+        patterns = {k: v for k, v in patterns.items() if "mixed" not in k}
+    no_gate = ThresholdPolicy([2.0] * last + [0.0])  # a confidence policy nobody passes
+    runs: dict[str, Callable[[], object]] = {
+        "bare": lambda: bare(x),
+        "no exit, gates (overhead)": lambda: early(x, ee.default_policy(1.0)),
+        "no exit, no gate read (overhead)": lambda: early(x, no_gate),
+    }
+    for name, index in patterns.items():
+        if not name.startswith("no exit"):
+            policy = FixedExitPolicy(index, reads_gates=True)  # imposed exits, the gates' cost kept in
+            runs[name] = lambda policy=policy: early(x, policy)
+    start = time.perf_counter()
+    for fn in runs.values():  # warm-up (and the compilations, counted apart)
+        fn()
+    warm = time.perf_counter() - start
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(args.repeats_b1 if batch == 1 else args.repeats):
+        for name, fn in runs.items():
+            times[name].append(_time(fn, torch.device("cpu")))
+    t_bare = statistics.median(times["bare"])
+    print(f"\n{mode}, batch {batch}: bare {1000 * t_bare:.2f} ms (setup {setup:.0f} s, warm-up {warm:.0f} s)")
+    print("| pattern | mean cost (% of backbone) | ms | realised | predicted | realised / predicted |")
+    print("|---|---|---|---|---|---|")
+    rows = []
+    for name in runs:
+        if name == "bare":
+            continue
+        t = statistics.median(times[name])
+        overhead = name.startswith("no exit")
+        frac = fractions[last] if overhead else sum(fractions[int(k)] for k in patterns[name]) / batch
+        realised, predicted = t_bare / t, 1.0 / frac
+        print(
+            f"| {name} | {100 * frac:.1f} | {1000 * t:.2f} | {realised:.3f} | {predicted:.3f} | "
+            f"{realised / predicted:.3f} |"
+        )
+        rows.append(
+            {
+                "mode": mode,
+                "batch": batch,
+                "pattern": name,
+                "cost_fraction": frac,
+                "ms": 1000 * t,
+                "bare_ms": 1000 * t_bare,
+                "overhead": t / t_bare - 1 if overhead else None,
+                "realised": realised,
+                "predicted": predicted,
+                "spread_ms": [1000 * min(times[name]), 1000 * max(times[name])],
+            }
+        )
+    return rows
 
 
 def main() -> None:
@@ -94,8 +150,6 @@ def main() -> None:
     torch.manual_seed(0)
     model = timm.create_model(args.model, pretrained=False, num_classes=100).eval()
     ee = eexit.attach(model)
-    fractions = ee.cost_table.fraction_of_backbone()
-    last = ee.num_exits - 1
     results = {
         "model": args.model,
         "device": platform.processor() or "cpu",
@@ -112,58 +166,7 @@ def main() -> None:
             bare, early = _runner(mode, model, ee, Path(tmp), threads)
             setup = time.perf_counter() - start
             for batch in batches:
-                x = torch.randn(batch, 3, 224, 224, generator=torch.Generator().manual_seed(batch))
-                patterns = _patterns(fractions, batch, [0.25, 0.50, 0.75])
-                if batch == 1:
-                    patterns = {k: v for k, v in patterns.items() if "mixed" not in k}
-                runs: dict[str, Callable[[], object]] = {"bare": lambda x=x: bare(x)}
-                runs["no exit, gates (overhead)"] = lambda x=x: early(x, ee.default_policy(1.0))
-                no_gate = ThresholdPolicy([2.0] * last + [0.0])  # a confidence policy nobody passes
-                runs["no exit, no gate read (overhead)"] = lambda x=x: early(x, no_gate)
-                for name, index in patterns.items():
-                    if name.startswith("no exit"):
-                        continue
-                    policy = FixedExitPolicy(index, reads_gates=True)
-                    runs[name] = lambda x=x, policy=policy: early(x, policy)
-                start = time.perf_counter()
-                for fn in runs.values():  # warm-up (and the compilations, counted apart)
-                    fn()
-                warm = time.perf_counter() - start
-                times: dict[str, list[float]] = {name: [] for name in runs}
-                for _ in range(args.repeats_b1 if batch == 1 else args.repeats):
-                    for name, fn in runs.items():
-                        times[name].append(_time(fn, torch.device("cpu")))
-                t_bare = statistics.median(times["bare"])
-                print(f"\n{mode}, batch {batch}: bare {1000 * t_bare:.2f} ms (setup {setup:.0f} s, warm-up {warm:.0f} s)")
-                print("| pattern | mean cost (% of backbone) | ms | realised | predicted | realised / predicted |")
-                print("|---|---|---|---|---|---|")
-                for name in runs:
-                    if name == "bare":
-                        continue
-                    t = statistics.median(times[name])
-                    if name.startswith("no exit"):
-                        frac = fractions[last]
-                    else:
-                        frac = sum(fractions[int(k)] for k in patterns[name]) / batch
-                    realised, predicted = t_bare / t, 1.0 / frac
-                    print(
-                        f"| {name} | {100 * frac:.1f} | {1000 * t:.2f} | {realised:.3f} | {predicted:.3f} | "
-                        f"{realised / predicted:.3f} |"
-                    )
-                    results["rows"].append(
-                        {
-                            "mode": mode,
-                            "batch": batch,
-                            "pattern": name,
-                            "cost_fraction": frac,
-                            "ms": 1000 * t,
-                            "bare_ms": 1000 * t_bare,
-                            "overhead": t / t_bare - 1 if name.startswith("no exit") else None,
-                            "realised": realised,
-                            "predicted": predicted,
-                            "spread_ms": [1000 * min(times[name]), 1000 * max(times[name])],
-                        }
-                    )
+                results["rows"] += _measure(mode, batch, bare, early, ee, args, setup)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
 

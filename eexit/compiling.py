@@ -33,6 +33,9 @@ class CompiledSegment:
         self.calls = 0
 
     def __call__(self, *carry: torch.Tensor) -> Any:
+        # Marking is metadata on the tensor object: mark aliases, so the caller's images stay unmarked for whatever
+        # else they are passed to (a compiled bare model would otherwise see an unbacked batch too).
+        carry = tuple(tensor.view_as(tensor) for tensor in carry)
         for tensor in carry:
             torch._dynamo.decorators.mark_unbacked(tensor, 0)
         self.calls += 1

@@ -151,7 +151,7 @@ def test_the_manifest_refuses_another_adapter_and_mixed_files(exported, tmp_path
     (copy / "eexit_export.json").write_text("{not json")
     with pytest.raises(AdapterError, match="not valid JSON"):
         OnnxEarlyExit(copy)
-    with pytest.raises(AdapterError, match="no eexit_export.json"):
+    with pytest.raises(AdapterError, match=r"no eexit_export\.json"):
         OnnxEarlyExit(tmp_path)
 
 
