@@ -17,7 +17,15 @@ from .attaching import attach, detach, from_pretrained
 from .backbones.base import list_specs, register_spec
 from .backbones.generic import GenericSpec
 from .config import ExitConfig, FitConfig
-from .errors import AdapterError, BackboneError, EexitError, EexitTypeError, EexitValueError, TrainingError
+from .errors import (
+    AdapterError,
+    BackboneError,
+    EexitError,
+    EexitTypeError,
+    EexitValueError,
+    SegmentsUnavailable,
+    TrainingError,
+)
 from .evaluation import EvaluationReport, evaluate
 from .inference import ExitPolicy, FixedExitPolicy, GatePolicy, ThresholdPolicy
 from .model import AllExitsOutput, EarlyExitModel, EarlyExitOutput
@@ -41,6 +49,7 @@ __all__ = [
     "FixedExitPolicy",
     "GatePolicy",
     "GenericSpec",
+    "SegmentsUnavailable",
     "ThresholdPolicy",
     "TrainingError",
     "__version__",

@@ -87,7 +87,13 @@ def attach(
             f"this {type(model).__name__} already has exits attached; call ee.detach() (or eexit.detach(ee)) "
             "before attaching again."
         )
-    config = replace(config or ExitConfig(), **config_overrides) if config_overrides else (config or ExitConfig())
+    base = config or ExitConfig()
+    if "gates" in config_overrides and "gate_features" not in config_overrides:
+        # The base config resolved its features for its own gate kind; another kind takes that kind's default
+        # (attach(model, gates="paper") gets the paper's four statistics), unless the base chose features itself.
+        if base.gate_features == ExitConfig(gates=base.gates).gate_features:
+            config_overrides = {**config_overrides, "gate_features": None}
+    config = replace(base, **config_overrides) if config_overrides else base
     spec = spec if spec is not None else find_spec(model, backbone)
     blocks = spec.blocks(model)
     if not blocks:

@@ -5,13 +5,20 @@ dynamic size that is 0 or 1 and recompiles for a size it has not seen as symboli
 dimension is marked *unbacked* before each call, so the one graph compiled at a segment's first call serves every
 batch size, 1 included.
 
-Inductor's layout optimisation is turned off: with an unbacked batch it lays a convolution's output out
-channels-last while the graph expects it contiguous, and the run fails (torch 2.14, CPU). Only the patch
+Each segment is compiled through a forward function of its own (a copy of its class's ``forward`` with its own
+code object). Dynamo keeps its compiled graphs per code object and gives up on one after ``recompile_limit`` (8)
+variants: with one shared ``forward``, the segments of a 12-exit ViT would be 12 variants of one function, and
+the last ones would silently run eagerly.
+
+Inductor's layout optimisation is turned off while a segment runs: with an unbacked batch it lays a convolution's
+output out channels-last while the graph expects it contiguous, and the run fails (torch 2.14, CPU). Only the patch
 embedding of a ViT is a convolution, so this costs nothing measurable.
 """
 
 from __future__ import annotations
 
+import contextlib
+import types
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -23,26 +30,36 @@ from .errors import EexitValueError
 __all__ = ["CompiledSegment", "compile_segments"]
 
 
+def _own_forward(segment: nn.Module) -> Callable[..., Any]:
+    """``segment.forward`` bound through a fresh code object (see the module's docstring)."""
+    function = type(segment).forward
+    code = function.__code__.replace(co_name=f"{function.__name__}_segment_{getattr(segment, 'k', id(segment))}")
+    own = types.FunctionType(code, function.__globals__, code.co_name, function.__defaults__, function.__closure__)
+    own.__kwdefaults__ = function.__kwdefaults__
+    return types.MethodType(own, segment)
+
+
 class CompiledSegment:
-    """A segment compiled once for every batch size; called like the segment itself."""
+    """A segment compiled once for every batch size; called like the segment itself.
+
+    Compiled segments always compute the gates (``gates=False`` is accepted and ignored: one graph per segment).
+    """
 
     def __init__(self, segment: nn.Module, compiled: Callable[..., Any], inductor: bool) -> None:
         self.segment = segment
         self.compiled = compiled
         self.inductor = inductor
-        self.calls = 0
 
-    def __call__(self, *carry: torch.Tensor) -> Any:
+    def __call__(self, *carry: torch.Tensor, gates: bool = True) -> Any:
         # Marking is metadata on the tensor object: mark aliases, so the caller's images stay unmarked for whatever
         # else they are passed to (a compiled bare model would otherwise see an unbacked batch too).
         carry = tuple(tensor.view_as(tensor) for tensor in carry)
         for tensor in carry:
             torch._dynamo.decorators.mark_unbacked(tensor, 0)
-        self.calls += 1
-        if self.calls == 1 and self.inductor:  # the call that compiles (see the module's docstring)
-            with torch._inductor.config.patch(layout_optimization=False):
-                return self.compiled(*carry)
-        return self.compiled(*carry)
+        # Patched on every call, not only the first: a change of grad mode, dtype or device recompiles.
+        patch = torch._inductor.config.patch(layout_optimization=False) if self.inductor else contextlib.nullcontext()
+        with patch:
+            return self.compiled(*carry)
 
     def __repr__(self) -> str:
         return f"CompiledSegment({type(self.segment).__name__} {getattr(self.segment, 'k', '?')})"
@@ -53,6 +70,7 @@ def compile_segments(
     *,
     backend: str = "inductor",
     mode: str | None = None,
+    fullgraph: bool = False,
     options: dict[str, Any] | None = None,
 ) -> list[CompiledSegment]:
     """``torch.compile`` each segment (lazily: each compiles at its first call).
@@ -61,6 +79,7 @@ def compile_segments(
         segments: the eager segments (``ee.segments``).
         backend: the torch.compile backend.
         mode: inductor mode; cannot be combined with ``options`` (torch.compile's rule).
+        fullgraph: refuse graph breaks (torch.compile's ``fullgraph``).
         options: inductor options.
     """
     if (mode is not None or options) and backend != "inductor":
@@ -68,8 +87,14 @@ def compile_segments(
     if mode is not None and options:
         raise EexitValueError("pass either mode or inductor options to ee.compile, not both (torch.compile's rule).")
     # dynamic=None: only the batch dimension (marked unbacked at each call) is symbolic; every other size stays static.
-    kwargs: dict[str, Any] = {"backend": backend, "dynamic": None, "mode": mode, "options": options or None}
+    kwargs: dict[str, Any] = {
+        "backend": backend,
+        "dynamic": None,
+        "mode": mode,
+        "options": options or None,
+        "fullgraph": fullgraph,
+    }
     return [
-        CompiledSegment(segment, torch.compile(segment, **kwargs), inductor=backend == "inductor")
+        CompiledSegment(segment, torch.compile(_own_forward(segment), **kwargs), inductor=backend == "inductor")
         for segment in segments
     ]

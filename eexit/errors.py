@@ -39,3 +39,7 @@ class TrainingError(EexitError, RuntimeError):
 
 class AdapterError(EexitValueError):
     """An adapter (saved exits) cannot be loaded onto this model, or its files are unreadable."""
+
+
+class SegmentsUnavailable(BackboneError):
+    """The model cannot be run as segments, so neither compiled per segment nor exported; the message says why."""

@@ -148,10 +148,21 @@ def export(
         )
     if ee.cost_table is None:
         raise EexitValueError("this model has no cost table; build it with eexit.attach before exporting.")
-    segments = ee.segments  # raises with the reason when there are none
+    segments = ee.segments  # raises with the reason when there are none (or the exits were detached)
+    param = next(ee.backbone.parameters())
+    if format == "onnx" and param.dtype not in (torch.float32, torch.float16):
+        raise EexitValueError(
+            f"the backbone is {param.dtype}; ONNX Runtime runs float32 or float16 graphs. Export a float32 copy: "
+            "ee.float().export(...) (or .half())."
+        )
     target = Path(folder)
     if target.exists() and not overwrite:
         raise FileExistsError(f"{target} exists; pass overwrite=True to replace the export there.")
+    if target.exists() and not (target / MANIFEST_NAME).is_file():
+        raise FileExistsError(
+            f"{target} exists and holds no {MANIFEST_NAME}: overwrite=True replaces an earlier export only, never "
+            "another folder. Choose a new folder."
+        )
     carries = _example_carries(ee, example_batch)
     states = _state_tensors(ee, carries)
     staging = target.parent / f".{target.name}.{uuid.uuid4().hex}.tmp"
@@ -175,10 +186,16 @@ def export(
                     "outputs": names[1],
                 }
             )
-        (staging / MANIFEST_NAME).write_text(json.dumps(_manifest(ee, format, entries), indent=2) + "\n")
+        # Every file written (a graph over 2 GB brings its external-data file along) is checksummed.
+        files = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(staging.iterdir())}
+        (staging / MANIFEST_NAME).write_text(json.dumps(_manifest(ee, format, entries, files), indent=2) + "\n")
+        # The old export is moved aside, the new one moved in, then the old one removed: at every instant one
+        # complete export is at `target` or beside it.
+        old = target.parent / f".{target.name}.{uuid.uuid4().hex}.old"
         if target.exists():
-            shutil.rmtree(target)
+            os.replace(target, old)
         os.replace(staging, target)
+        shutil.rmtree(old, ignore_errors=True)
     finally:
         ee.train(was_training)
         if staging.exists():
@@ -186,7 +203,7 @@ def export(
     return target
 
 
-def _manifest(ee: EarlyExitModel, format: str, segments: list[dict[str, Any]]) -> dict[str, Any]:
+def _manifest(ee: EarlyExitModel, format: str, segments: list[dict[str, Any]], files: dict[str, str]) -> dict[str, Any]:
     from ._fingerprint import backbone_fingerprint
 
     assert ee.cost_table is not None
@@ -214,4 +231,5 @@ def _manifest(ee: EarlyExitModel, format: str, segments: list[dict[str, Any]]) -
         "exit_flops": list(ee.cost_table.exit_flops),
         "backbone_flops": ee.cost_table.backbone_flops,
         "segments": segments,
+        "files": files,
     }

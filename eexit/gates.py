@@ -175,8 +175,9 @@ class Gate(nn.Module):
                 index = self._feature_index(logits.device)
                 prev = history.log_probs if history is not None else None
                 run = history.run if history is not None else None
-                gate_logit, logp, run = fused(logits, prev, run, index, self.linear.weight, self.linear.bias)
-                return gate_logit, (ExitHistory(logp, run) if history is not None else None)
+                stats, logp, run = fused(logits, prev, run, index, self.linear.weight)
+                # The Linear itself runs as a module call, so hooks or parametrisations on it still apply.
+                return self.linear(stats).squeeze(-1), (ExitHistory(logp, run) if history is not None else None)
             stats, logp, run = _statistics(logits, self.features, history)
             after = None
             if history is not None:
@@ -203,8 +204,9 @@ def _no_grad() -> Any:
 
 @functools.cache
 def _fused_step() -> Any:
-    """Every gate statistic, the gate's Linear and the next history, as one TorchScript function (scripted once,
-    at the first early-exit forward, so ``import eexit`` does not pay for it). The ops are those of
+    """Every gate statistic (in the gate's order and dtype) and the next history, as one TorchScript function.
+
+    Scripted once, at the first early-exit forward, so ``import eexit`` does not pay for it. The ops are those of
     :func:`_statistics` in the same order, so the numbers are the same."""
 
     def fused(
@@ -213,7 +215,6 @@ def _fused_step() -> Any:
         prev_run: torch.Tensor | None,
         index: torch.Tensor,
         weight: torch.Tensor,
-        bias: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         logp = torch.log_softmax(logits, dim=-1)
         p = logp.exp()
@@ -232,8 +233,7 @@ def _fused_step() -> Any:
             agree_prev = (run > 0).float()
             kl = (p * (logp - prev)).sum(-1).clamp(min=0.0)
         stats = torch.stack([top[:, 0], entropy, margin, entropy_pow, prev_max, agree_prev, run, kl], dim=-1)
-        stats = stats.index_select(-1, index).to(weight.dtype)
-        return torch.nn.functional.linear(stats, weight, bias).squeeze(-1), logp, run
+        return stats.index_select(-1, index).to(weight.dtype), logp, run
 
     # torch.jit.script is deprecated in favour of torch.compile, which cannot help here (eager inference, no
     # warm-up compile wanted); if scripting goes away, the plain Python path below serves (same numbers, slower).

@@ -29,7 +29,8 @@ class ExitState:
         positions: index of each running sample in the input batch, ``[b]``.
         gate_sum: Σ_{j<l} g_j over the gates passed so far, ``[b]``.
         prob_sum: Σ_{j<l} P(G=j) over the exits passed so far under the additive (paper) model, ``[b]``.
-        history: what the gates read about the exits passed so far (kept only for gates that read it).
+        history: what the gates read about the exits passed so far (kept only for gates that read it, and only
+            on the hooked path: a model run as segments carries it inside the segments, and here it is ``None``).
     """
 
     positions: torch.Tensor
@@ -96,7 +97,6 @@ class GatePolicy:
     """
 
     def __init__(self, threshold: float = 0.5, gates: str = "hazard") -> None:
-        # Only the additive (paper) model's ratio reads the running sums; the early-exit forward skips them otherwise.
         if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0.0 < threshold <= 1.0:
             raise EexitValueError(
                 f"threshold (τ) must be in (0, 1], got {threshold!r}; τ = 1 keeps every sample to the last exit."
@@ -105,7 +105,11 @@ class GatePolicy:
             raise EexitValueError(f"gates={gates!r} is not a gate kind; expected one of {list(GATE_KINDS)}.")
         self.threshold = float(threshold)
         self.gates = gates
-        self.reads_sums = gates == "paper"
+
+    @property
+    def reads_sums(self) -> bool:
+        """Only the additive (paper) model's ratio reads the running sums; the early-exit forward skips them else."""
+        return self.gates == "paper"
 
     def score(
         self, exit_index: int, logits: torch.Tensor, gate_logit: torch.Tensor | None, state: ExitState

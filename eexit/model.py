@@ -26,13 +26,13 @@ from .adapters import AdapterRecord, AdapterSet
 from .backbones.base import BackboneSpec, StagedSpec
 from .config import ExitConfig, FitConfig
 from .cost import CostTable
-from .errors import EexitTypeError, EexitValueError
+from .errors import EexitTypeError, EexitValueError, SegmentsUnavailable
 from .gates import ExitHistory, Gate
 from .hooked import HookedDriver
 from .inference import ExitPolicy, GatePolicy
 from .outputs import AllExitsOutput, EarlyExitOutput
 from .recorder import ExitCollector, ExitRecorder, FeatureSink
-from .segments import SegmentsUnavailable, prepare_segments, run_segments
+from .segments import prepare_segments, run_segments
 from .staged import StagedDriver
 
 __all__ = ["AllExitsOutput", "EarlyExitModel", "EarlyExitOutput", "make_driver"]
@@ -422,7 +422,10 @@ class EarlyExitModel(nn.Module):
         pixel_values = self._check_input(pixel_values)
         if all_exits:
             return self.run_all_exits(pixel_values)
-        segments = self._compiled or self._segments
+        # Compiled segments serve inference only; an empty batch has nothing to cut (the hooks return [0, C]).
+        segments = (self._compiled if not self.training else None) or self._segments
+        if pixel_values.shape[0] == 0:
+            segments = None
         # Segments carry the gates' history and the earlier exits' logits themselves; the hooks need the recorder to.
         recorder = ExitRecorder(
             self.exit_output,
@@ -435,7 +438,7 @@ class EarlyExitModel(nn.Module):
         )
         if segments is not None:
             # Eager segments skip the gates for a policy that never reads them (confidence thresholds, fixed exits).
-            reads_gates = self._compiled is not None or bool(getattr(recorder.policy, "reads_gates", True))
+            reads_gates = bool(getattr(recorder.policy, "reads_gates", True))
             run_segments(segments, pixel_values, recorder, gates=reads_gates)
             logits, exit_index = recorder.finish()
         else:
@@ -455,29 +458,38 @@ class EarlyExitModel(nn.Module):
         Raises:
             SegmentsUnavailable: the backbone's spec cannot run it as segments; the message says why.
         """
+        if self._restore is None:
+            raise SegmentsUnavailable("these exits were detached from the backbone; attach again with eexit.attach.")
         if self._segments is None:
             raise SegmentsUnavailable(f"{self._segments_reason}.")
         return list(self._segments)
 
-    def compile(self, backend: str = "inductor", *, mode: str | None = None, **options: Any) -> EarlyExitModel:
+    def compile(
+        self, backend: str = "inductor", *, mode: str | None = None, fullgraph: bool = False, **options: Any
+    ) -> EarlyExitModel:
         """Compile every segment with ``torch.compile`` for early-exit inference; returns the model itself.
 
         The batch dimension is compiled as a dynamic size that is never specialised (batch 1 included), so the
         batch shrinking from segment to segment does not recompile: one compilation per segment, at its first call.
-        Outputs equal the eager forward's within float tolerance, with the same exit decisions. Training and
-        ``all_exits=True`` stay eager. Undo with :meth:`uncompile`.
+        Outputs equal the eager forward's within float tolerance (so a sample right at the gate threshold may
+        leave one exit apart). Only early exit in eval mode runs compiled: training mode and ``all_exits=True`` stay
+        eager. Undo with :meth:`uncompile`. Unlike ``nn.Module.compile``, this compiles the segments, not
+        ``forward`` (a whole-forward graph cannot change its batch size midway).
 
         Args:
             backend: the ``torch.compile`` backend (``"inductor"``; ``"aot_eager"`` or ``"eager"`` to debug).
             mode: the inductor mode (``"reduce-overhead"``, ``"max-autotune"``, ...).
+            fullgraph: refuse graph breaks inside a segment.
             options: inductor options (``torch.compile(options=...)``).
 
         Raises:
-            SegmentsUnavailable: the backbone cannot be run as segments (the reason is named).
+            SegmentsUnavailable: the backbone cannot be run as segments, or the exits were detached.
         """
         from .compiling import compile_segments
 
-        self._compiled = compile_segments(self.segments, backend=backend, mode=mode, options=options)
+        self._compiled = compile_segments(
+            self.segments, backend=backend, mode=mode, fullgraph=fullgraph, options=options
+        )
         return self
 
     def uncompile(self) -> EarlyExitModel:

@@ -212,8 +212,9 @@ class ExitRecorder:
     def _write(self, rows: torch.Tensor, logits: torch.Tensor, k: int | None) -> None:
         if self.logits is None:
             if rows.shape[0] == self.exit_index.shape[0]:
-                # Everyone stops at the first exit that writes (always so at batch 1): its logits are the output.
-                self.logits = logits
+                # Everyone stops at the first exit that writes (always so at batch 1): its logits are the output
+                # (a copy: a compiled segment's outputs may live in buffers its next call reuses).
+                self.logits = logits.clone()
                 if k is not None:
                     self.exit_index.fill_(k)
                 return

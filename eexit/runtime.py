@@ -32,7 +32,7 @@ from .segments import run_segments
 
 __all__ = ["OnnxEarlyExit", "read_manifest"]
 
-_NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16, "float64": np.float64}
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "float64": torch.float64}
 
 
 def read_manifest(folder: str | os.PathLike[str], graph_format: str | None = None) -> dict[str, Any]:
@@ -54,6 +54,8 @@ def read_manifest(folder: str | os.PathLike[str], graph_format: str | None = Non
     missing = [key for key in need if not isinstance(manifest, dict) or key not in manifest]
     if missing or manifest.get("format") != "eexit-segments":
         raise AdapterError(f"{path} is not an eexit export manifest (missing {missing}); export the model again.")
+    if not isinstance(manifest["manifest_version"], int) or not isinstance(manifest["segments"], list):
+        raise AdapterError(f"{path} is not an eexit export manifest (malformed fields); export the model again.")
     if manifest["manifest_version"] > MANIFEST_VERSION:
         raise AdapterError(
             f"{path} has manifest version {manifest['manifest_version']}, newer than this eexit reads "
@@ -64,13 +66,18 @@ def read_manifest(folder: str | os.PathLike[str], graph_format: str | None = Non
     segments = manifest["segments"]
     if len(segments) != manifest["num_exits"] or len(manifest["exit_flops"]) != manifest["num_exits"]:
         raise AdapterError(f"{path}: {manifest['num_exits']} exits but {len(segments)} segments; export again.")
+    if not all(isinstance(entry, dict) and isinstance(entry.get("file"), str) for entry in segments):
+        raise AdapterError(f"{path}: malformed segment entries; export the model again.")
+    files = dict(manifest.get("files") or {})
     for entry in segments:
-        file = root / str(entry.get("file", ""))
-        if Path(entry.get("file", "")).name != entry.get("file") or not file.is_file():
-            raise AdapterError(f"{root}: segment graph {entry.get('file')!r} is missing; export the model again.")
-        if hashlib.sha256(file.read_bytes()).hexdigest() != entry.get("sha256"):
+        files.setdefault(entry["file"], entry.get("sha256"))
+    for name, digest in files.items():
+        file = root / name
+        if Path(name).name != name or not file.is_file():
+            raise AdapterError(f"{root}: {name!r}, a file of this export, is missing; export the model again.")
+        if hashlib.sha256(file.read_bytes()).hexdigest() != digest:
             raise AdapterError(
-                f"{file} is not the graph this export's manifest records (sha256 differs): the folder mixes files "
+                f"{file} is not the file this export's manifest records (sha256 differs): the folder mixes files "
                 "of different exports. Export the model again into an empty folder."
             )
     return manifest
@@ -126,7 +133,11 @@ class OnnxEarlyExit:
                 raise AdapterError(f"segment {k}'s graph takes {names}, its manifest says {entry['inputs']}.")
         self.num_exits = int(self.manifest["num_exits"])
         self.input_shape = [int(s) for s in self.manifest.get("input_shape", [])]
-        self.dtype = _NUMPY_DTYPES.get(self.manifest.get("input_dtype", "float32"), np.float32)
+        dtype = self.manifest.get("input_dtype", "float32")
+        if dtype not in _DTYPES:
+            raise AdapterError(f"{self.folder}: graphs taking {dtype} images cannot run here; export in float32.")
+        self.dtype = _DTYPES[dtype]
+        self.num_classes = int(self.manifest.get("num_classes", 0))
         self._flops = torch.tensor(self.manifest["exit_flops"], dtype=torch.float64)
         #: Refuse images with NaN or Inf pixels (set False to skip the check for a trusted pipeline).
         self.check_inputs = True
@@ -137,7 +148,7 @@ class OnnxEarlyExit:
             recorded = self.manifest.get("adapter_fingerprint")
             raise AdapterError(
                 f"{self.folder} was exported from another adapter (fingerprint {recorded}, expected {fingerprint}): "
-                "the IMs or gates changed since. Export the model again."
+                "the IMs, gates or threshold changed since. Export the model again."
             )
 
     def default_policy(self, threshold: float | None = None) -> GatePolicy:
@@ -164,10 +175,8 @@ class OnnxEarlyExit:
                 f"expected images of shape [B, {', '.join(map(str, self.input_shape))}] (the exported input size), "
                 f"got {tuple(images.shape)}."
             )
-        if images.numpy().dtype != self.dtype:
-            raise EexitTypeError(
-                f"images are {images.dtype} but the graphs take {np.dtype(self.dtype).name}; convert them first."
-            )
+        if images.dtype != self.dtype:
+            raise EexitTypeError(f"images are {images.dtype} but the graphs take {self.dtype}; convert them first.")
         if self.check_inputs and not all_finite(images):
             raise EexitValueError("images contain NaN or Inf pixels; clean or re-normalise the input.")
         return images.contiguous()
@@ -182,6 +191,9 @@ class OnnxEarlyExit:
                 f"{policy!r} reads {policy.gates!r} gates, but these graphs hold {self.manifest['gates']!r} gates; "
                 f"use .default_policy({policy.threshold:g})."
             )
+        if images.shape[0] == 0:  # nothing to run; the shapes an eager forward returns
+            empty = torch.zeros(0, self.num_classes, dtype=images.dtype)
+            return EarlyExitOutput(empty, torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.float64))
         recorder = ExitRecorder(_segments_compute_exits, self.num_exits, images.shape[0], images.device, policy)
         run_segments([self._segment(k) for k in range(self.num_exits)], images, recorder)
         logits, exit_index = recorder.finish()

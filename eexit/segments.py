@@ -16,7 +16,9 @@ logits (later classifiers read them) and the stage state's tensors.
 :func:`run_segments` drives any list of segment callables (eager modules, compiled modules, ONNX Runtime
 sessions) with the same :class:`~eexit.recorder.ExitRecorder` as the hooked forward: after each segment the
 recorder decides who stops (one host sync), and every carry tensor is cut to the samples that go on. So the
-eager, compiled and exported paths take the same decisions on the same numbers by construction.
+eager, compiled and exported paths share one exit bookkeeping by construction; eager segments compute the same
+numbers as the hooked forward, compiled and exported graphs the same within float tolerance (a sample right at a
+threshold may then leave one exit apart).
 
 Segments exist for specs that can run the backbone without its own forward (``spec.segments``); attach checks on
 a probe batch that they reproduce the hooked all-exits outputs, and falls back to the hooks if not.
@@ -32,7 +34,7 @@ import torch
 from torch import nn
 
 from .backbones.base import StagedSpec
-from .errors import BackboneError
+from .errors import SegmentsUnavailable
 from .gates import ExitHistory
 from .recorder import STOP, ExitRecorder
 
@@ -43,10 +45,6 @@ __all__ = ["SegmentsUnavailable", "StageSegment", "TokenSegment", "build_segment
 
 #: A segment: carry tensors in, ``(logits, gate_logit, *next carry)`` out (``(logits,)`` at the last exit).
 SegmentFn = Callable[..., Sequence[torch.Tensor]]
-
-
-class SegmentsUnavailable(BackboneError):
-    """This model cannot be run as segments (so neither compiled per segment nor exported); the message says why."""
 
 
 def _check_batch(carry: Sequence[torch.Tensor]) -> None:
@@ -226,14 +224,23 @@ def check_segments(ee: EarlyExitModel, segments: list[nn.Module], images: torch.
     """Refuse segments that do not reproduce the hooked all-exits forward on ``images`` (exit by exit)."""
     with torch.no_grad():
         reference = ee.run_all_exits(images)
-        logits, gates = all_outputs(segments, images)
+        try:
+            logits, gates = all_outputs(segments, images)
+        except Exception as err:  # a spec method that does not fit this model (another library version, a custom model)
+            raise SegmentsUnavailable(
+                f"running {type(ee.backbone).__name__} as segments failed ({type(err).__name__}: {err}); spec "
+                f"{ee.spec.name!r} does not know this model's forward"
+            ) from err
     pairs = [(f"exit {k} logits", a, b) for k, (a, b) in enumerate(zip(logits, reference.logits))]
     pairs += [(f"gate {k} logit", a, b) for k, (a, b) in enumerate(zip(gates, reference.gate_logits))]
+    if len(logits) != len(reference.logits) or len(gates) != len(reference.gate_logits):
+        pairs.append(("number of exits", torch.zeros(len(logits)), torch.zeros(len(reference.logits))))
     loose = images.dtype in (torch.float16, torch.bfloat16)
     for what, got, want in pairs:
-        scale = float(want.abs().max()) + 1.0
-        error = float((got.float() - want.float()).abs().max())
-        if got.shape != want.shape or not error <= (2e-2 if loose else 1e-4) * scale:
+        same_shape = got.shape == want.shape
+        error = float((got.float() - want.float()).abs().max()) if same_shape and got.numel() else 0.0
+        scale = float(want.abs().max()) + 1.0 if want.numel() else 1.0
+        if not same_shape or not error <= (2e-2 if loose else 1e-4) * scale:
             raise SegmentsUnavailable(
                 f"running {type(ee.backbone).__name__} as segments does not reproduce its own forward ({what}: "
                 f"shape {tuple(got.shape)} vs {tuple(want.shape)}, max difference {error:.3g}); the model's forward "

@@ -8,6 +8,7 @@ import json
 import sys
 
 import pytest
+import timm
 import torch
 from backbone_zoo import ZOO
 from torch._dynamo.utils import counters
@@ -127,6 +128,21 @@ def test_onnx_runtime_equals_eager(exported, name):
 
 @needs_onnx
 @pytest.mark.slow
+def test_paper_gates_export_and_compile(tmp_path):
+    entry = ZOO["timm_vit_cls"]
+    ee = eexit.attach(entry.build(), gates="paper")
+    policy = ee.default_policy(0.3)
+    runtime = OnnxEarlyExit(ee.export(tmp_path / "paper"))
+    with torch.no_grad():
+        want = {b: ee(_images(ee, b), policy=policy) for b in BATCHES}
+        ee.compile(backend="aot_eager")
+        for b in BATCHES:
+            _assert_same(runtime(_images(ee, b), policy=runtime.default_policy(0.3)), want[b])
+            _assert_same(ee(_images(ee, b), policy=policy), want[b])
+
+
+@needs_onnx
+@pytest.mark.slow
 def test_the_manifest_refuses_another_adapter_and_mixed_files(exported, tmp_path):
     ee, _, folder = exported("timm_vit_cls")
     other = _attach("timm_vit_cls")
@@ -148,6 +164,16 @@ def test_the_manifest_refuses_another_adapter_and_mixed_files(exported, tmp_path
     (copy / "segment_1.onnx").unlink()
     with pytest.raises(AdapterError, match="missing"):
         OnnxEarlyExit(copy)
+    manifest = json.loads((folder / "eexit_export.json").read_text())
+    for change, message in (
+        ({"manifest_version": 99}, "newer than this eexit reads"),
+        ({"graph_format": "torch"}, "'torch' graphs, not 'onnx'"),
+        ({"segments": [1, 2, 3, 4]}, "malformed segment entries"),
+        ({"format": "something"}, "not an eexit export manifest"),
+    ):
+        (copy / "eexit_export.json").write_text(json.dumps({**manifest, **change}))
+        with pytest.raises(AdapterError, match=message):
+            OnnxEarlyExit(copy)
     (copy / "eexit_export.json").write_text("{not json")
     with pytest.raises(AdapterError, match="not valid JSON"):
         OnnxEarlyExit(copy)
@@ -172,6 +198,8 @@ def test_runtime_refuses_bad_images(exported):
     runtime(images)  # the switch skips the check
     with pytest.raises(EexitValueError, match="gates"):
         runtime(_images(ee, 2), policy=eexit.GatePolicy(0.5, gates="paper"))
+    empty = runtime(_images(ee, 0))
+    assert empty.logits.shape == (0, ee.num_classes) and empty.exit_index.shape == (0,)
 
 
 @needs_onnx
@@ -199,6 +227,14 @@ def test_export_arguments_are_checked(tmp_path):
     with pytest.raises(EexitValueError, match="example_batch"):
         ee.export(tmp_path / "x", example_batch=1)
     assert not (tmp_path / "x").exists()
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "keep.txt").write_text("not an export")
+    with pytest.raises(FileExistsError, match="never another folder"):
+        ee.export(data, overwrite=True)
+    assert (data / "keep.txt").read_text() == "not an export"
+    with pytest.raises(EexitValueError, match="float32"):
+        ee.to(torch.bfloat16).export(tmp_path / "bf16")
 
 
 def test_a_missing_extra_is_named(monkeypatch, tmp_path):
@@ -230,3 +266,41 @@ def test_torch_export_programs_equal_eager(tmp_path):
             want = ee(images, policy=policy)
         assert torch.equal(exit_index, want.exit_index)
         torch.testing.assert_close(logits, want.logits, rtol=1e-4, atol=1e-4)
+
+
+def test_compile_gives_every_segment_its_own_graph_beyond_dynamos_recompile_limit():
+    # 12 exits: with one shared forward, dynamo would stop compiling after 8 variants and run the rest eagerly.
+    model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=32, depth=12, num_heads=2,
+                              num_classes=5)  # fmt: skip
+    ee = eexit.attach(model.eval())
+    assert ee.num_exits == 12 > torch._dynamo.config.recompile_limit
+    torch._dynamo.reset()
+    counters.clear()
+    ee.compile(backend="aot_eager")
+    with torch.no_grad():
+        for b in (1, 5, 9):
+            out = ee(_images(ee, b), policy=ee.default_policy(1.0))
+            assert out.exit_index.eq(11).all()
+    assert counters["stats"]["unique_graphs"] == 12
+
+
+def test_compiled_model_in_training_mode_runs_eagerly_and_adapter_swaps_apply():
+    ee = _attach("timm_vit_cls")
+    images = _images(ee, 6)
+    ee.compile(backend="aot_eager")
+    with torch.no_grad():
+        before = ee(images)
+        ee.add_adapter("other")
+        ee.gates[0].linear.bias.add_(-50.0)  # the live adapter changes in place...
+        ee.set_adapter("other")  # ...and swapping adapters loads tensors into the same modules
+        swapped = ee(images)
+        ee.set_adapter("default")
+        assert torch.equal(ee(images).exit_index, swapped.exit_index)
+        ee.set_adapter("other")
+        torch.testing.assert_close(ee(images).logits, before.logits)
+    counters.clear()
+    ee.train()
+    with torch.no_grad():
+        ee(images)
+    assert counters["stats"]["unique_graphs"] == 0  # training mode: nothing compiled, nothing run compiled
+    ee.eval()

@@ -209,3 +209,10 @@ def test_hazard_adapter_round_trips_with_history_gates(tmp_path):
     assert again.config.gates == "hazard" and again.uses_history
     with torch.no_grad():
         assert torch.equal(again(x).exit_index, expected.exit_index)
+
+
+def test_attach_with_another_gate_kind_takes_that_kinds_default_features():
+    ee = eexit.attach(tiny_timm_vit(), gates="paper")
+    assert ee.config.gate_features == GATE_FEATURES and not ee.uses_history
+    custom = ExitConfig(gate_features=("max_prob",))
+    assert eexit.attach(tiny_timm_vit(), custom, gates="paper").config.gate_features == ("max_prob",)

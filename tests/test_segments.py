@@ -128,3 +128,65 @@ def test_fused_gate_step_equals_forward_and_history(features):
             assert torch.equal(after.log_probs, want.log_probs) and torch.equal(after.run, want.run)
             assert after.run[:3].tolist() == [1.0, 1.0, 1.0]
         assert gate_statistics(logits, gate.features, history).shape == (6, len(gate.features))
+
+
+def test_an_empty_batch_returns_empty_outputs():
+    ee = _attach("timm_vit_cls")
+    out = ee(_images(ee, 0))
+    assert out.logits.shape == (0, 5) and out.exit_index.shape == (0,) and out.cost.shape == (0,)
+
+
+def test_a_spec_whose_embed_fails_falls_back_to_hooks(monkeypatch):
+    from eexit.backbones.timm_vit import TimmViTSpec
+
+    def broken(self, model, pixel_values):
+        raise AttributeError("this timm version has no _pos_embed")
+
+    monkeypatch.setattr(TimmViTSpec, "embed", broken)
+    with pytest.warns(UserWarning, match="as segments failed"):
+        ee = eexit.attach(ZOO["timm_vit_cls"].build())
+    with pytest.raises(SegmentsUnavailable, match="_pos_embed"):
+        ee.compile(backend="eager")
+    images = _images(ee, 4)
+    with torch.no_grad():
+        out, full = ee(images), ee(images, all_exits=True)
+    assert torch.equal(out.exit_index, decide_exits(full.logits, full.gate_logits, ee.default_policy()))
+
+
+def test_thresholds_on_a_staged_backbone_skip_its_gates_and_match_replay():
+    ee = _attach("dyn_perceiver")
+    images = _images(ee, 9)
+    with torch.no_grad():
+        full = ee(images, all_exits=True)
+        confidence = torch.softmax(full.logits.double(), -1).amax(-1)  # [E, B]
+        policy = ThresholdPolicy(confidence.median(dim=1).values.tolist())  # about half leave at each exit
+        out = ee(images, policy=policy)
+    target = decide_exits(full.logits, None, policy)
+    assert torch.equal(out.exit_index, target) and len(set(target.tolist())) > 1
+    torch.testing.assert_close(out.logits, full.logits[target, torch.arange(9)], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["timm_vit_cls", "dyn_perceiver"])
+def test_paper_gates_run_as_segments(name):
+    entry = ZOO[name]
+    ee = eexit.attach(entry.build(), **entry.attach, gates="paper")
+    assert not ee.uses_history and ee.segments
+    images = _images(ee, 16)
+    policy = ee.default_policy(0.3)
+    with torch.no_grad():
+        out = ee(images, policy=policy)
+        full = ee(images, all_exits=True)
+        hooked = _hooked(ee, images, policy)
+    assert torch.equal(out.exit_index, decide_exits(full.logits, full.gate_logits, policy))
+    assert torch.equal(out.exit_index, hooked.exit_index)
+
+
+def test_detached_exits_refuse_segments_compile_and_export(tmp_path):
+    ee = _attach("timm_vit_cls")
+    backbone = ee.detach()
+    for action in (lambda: ee.segments, lambda: ee.compile(backend="eager"), lambda: ee.export(tmp_path / "x")):
+        with pytest.raises(SegmentsUnavailable, match="detached"):
+            action()
+    assert not (tmp_path / "x").exists()
+    again = eexit.attach(backbone)  # a new attach has segments again
+    assert len(again.segments) == again.num_exits
