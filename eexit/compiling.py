@@ -10,14 +10,13 @@ code object). Dynamo keeps its compiled graphs per code object and gives up on o
 variants: with one shared ``forward``, the segments of a 12-exit ViT would be 12 variants of one function, and
 the last ones would silently run eagerly.
 
-Inductor's layout optimisation is turned off while a segment runs: with an unbacked batch it lays a convolution's
+Inductor's layout optimisation is turned off for the segments' graphs: with an unbacked batch it lays a convolution's
 output out channels-last while the graph expects it contiguous, and the run fails (torch 2.14, CPU). Only the patch
 embedding of a ViT is a convolution, so this costs nothing measurable.
 """
 
 from __future__ import annotations
 
-import contextlib
 import types
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -45,10 +44,10 @@ class CompiledSegment:
     Compiled segments always compute the gates (``gates=False`` is accepted and ignored: one graph per segment).
     """
 
-    def __init__(self, segment: nn.Module, compiled: Callable[..., Any], inductor: bool) -> None:
+    def __init__(self, segment: nn.Module, compiled: Callable[..., Any], patch_layout: bool) -> None:
         self.segment = segment
         self.compiled = compiled
-        self.inductor = inductor
+        self.patch_layout = patch_layout
 
     def __call__(self, *carry: torch.Tensor, gates: bool = True) -> Any:
         # Marking is metadata on the tensor object: mark aliases, so the caller's images stay unmarked for whatever
@@ -56,9 +55,10 @@ class CompiledSegment:
         carry = tuple(tensor.view_as(tensor) for tensor in carry)
         for tensor in carry:
             torch._dynamo.decorators.mark_unbacked(tensor, 0)
+        if not self.patch_layout:
+            return self.compiled(*carry)
         # Patched on every call, not only the first: a change of grad mode, dtype or device recompiles.
-        patch = torch._inductor.config.patch(layout_optimization=False) if self.inductor else contextlib.nullcontext()
-        with patch:
+        with torch._inductor.config.patch(layout_optimization=False):
             return self.compiled(*carry)
 
     def __repr__(self) -> str:
@@ -87,14 +87,12 @@ def compile_segments(
     if mode is not None and options:
         raise EexitValueError("pass either mode or inductor options to ee.compile, not both (torch.compile's rule).")
     # dynamic=None: only the batch dimension (marked unbacked at each call) is symbolic; every other size stays static.
-    kwargs: dict[str, Any] = {
-        "backend": backend,
-        "dynamic": None,
-        "mode": mode,
-        "options": options or None,
-        "fullgraph": fullgraph,
-    }
+    kwargs: dict[str, Any] = {"backend": backend, "dynamic": None, "mode": mode, "fullgraph": fullgraph}
+    inductor = backend == "inductor"
+    if inductor and mode is None:
+        # Set once at compile time; with a mode (which excludes options) it is patched around every call instead.
+        kwargs["options"] = {"layout_optimization": False, **(options or {})}
+    patch_layout = inductor and mode is not None
     return [
-        CompiledSegment(segment, torch.compile(_own_forward(segment), **kwargs), inductor=backend == "inductor")
-        for segment in segments
+        CompiledSegment(segment, torch.compile(_own_forward(segment), **kwargs), patch_layout) for segment in segments
     ]

@@ -20,8 +20,6 @@ numpy on the CPU.
 from __future__ import annotations
 
 import contextlib
-import functools
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -163,86 +161,21 @@ class Gate(nn.Module):
     def step(self, im_logits: torch.Tensor, history: ExitHistory | None) -> tuple[torch.Tensor, ExitHistory | None]:
         """The gate logit ``[B]`` and the history the next exit sees, from one log-softmax of the IM's logits.
 
-        What ``forward`` and ``history.after`` compute, with the same numbers, in one pass (the early-exit forward
-        and exported segments). ``history`` is ``None`` when the gates read no earlier exit; then ``None`` comes
-        back. In eager mode this is one TorchScript call: at batch 1 the ~30 small ops cost far more to dispatch
-        from Python than to compute.
+        What ``forward`` and ``history.after`` compute, with the same numbers, without computing the log-softmax
+        and the agreement run twice (the early-exit forward and the exported segments). ``history`` is ``None``
+        when the gates read no earlier exit; then ``None`` comes back.
         """
         with _no_grad():
-            logits = im_logits.detach().float()
-            fused = None if torch.compiler.is_compiling() or torch.jit.is_tracing() else _fused_step()
-            if fused is not None:
-                index = self._feature_index(logits.device)
-                prev = history.log_probs if history is not None else None
-                run = history.run if history is not None else None
-                stats, logp, run = fused(logits, prev, run, index, self.linear.weight)
-                # The Linear itself runs as a module call, so hooks or parametrisations on it still apply.
-                return self.linear(stats).squeeze(-1), (ExitHistory(logp, run) if history is not None else None)
-            stats, logp, run = _statistics(logits, self.features, history)
+            stats, logp, run = _statistics(im_logits.detach().float(), self.features, history)
             after = None
             if history is not None:
                 after = ExitHistory(logp, run if run is not None else _agree_run(logp, history))
         return self.linear(stats.to(self.linear.weight.dtype)).squeeze(-1), after
 
-    def _feature_index(self, device: torch.device) -> torch.Tensor:
-        cached = self.__dict__.get("_index")
-        if cached is None or cached.device != device:
-            order = list(_FUSED_ORDER)
-            cached = torch.tensor([order.index(f) for f in self.features], device=device)
-            self.__dict__["_index"] = cached
-        return cached
-
-
-#: The order in which the fused step computes every statistic (a gate then picks its own, in its order).
-_FUSED_ORDER = ("max_prob", "entropy", "margin", "entropy_pow", "prev_max_prob", "agree_prev", "agree_run", "kl_prev")
-
 
 def _no_grad() -> Any:
     # Entering no_grad costs a few microseconds per exit; under inference_mode / no_grad it is already off.
     return torch.no_grad() if torch.is_grad_enabled() else contextlib.nullcontext()
-
-
-@functools.cache
-def _fused_step() -> Any:
-    """Every gate statistic (in the gate's order and dtype) and the next history, as one TorchScript function.
-
-    Scripted once, at the first early-exit forward, so ``import eexit`` does not pay for it. The ops are those of
-    :func:`_statistics` in the same order, so the numbers are the same."""
-
-    def fused(
-        logits: torch.Tensor,
-        prev: torch.Tensor | None,
-        prev_run: torch.Tensor | None,
-        index: torch.Tensor,
-        weight: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        logp = torch.log_softmax(logits, dim=-1)
-        p = logp.exp()
-        entropy = -(p * logp).sum(-1)
-        logp2 = torch.log_softmax(2.0 * logits, dim=-1)
-        entropy_pow = -(logp2.exp() * logp2).sum(-1)
-        top = p.topk(min(2, p.shape[-1]), dim=-1).values
-        margin = top[:, 0] - top[:, 1] if top.shape[-1] > 1 else top[:, 0]
-        if prev is None or prev_run is None:
-            zeros = logp.new_zeros(logp.shape[0])
-            prev_max, agree_prev, run, kl = zeros, zeros, zeros, zeros
-        else:
-            agree = (logp.argmax(-1) == prev.argmax(-1)).float()
-            run = agree * (1.0 + prev_run)
-            prev_max = prev.exp().amax(-1)
-            agree_prev = (run > 0).float()
-            kl = (p * (logp - prev)).sum(-1).clamp(min=0.0)
-        stats = torch.stack([top[:, 0], entropy, margin, entropy_pow, prev_max, agree_prev, run, kl], dim=-1)
-        return stats.index_select(-1, index).to(weight.dtype), logp, run
-
-    # torch.jit.script is deprecated in favour of torch.compile, which cannot help here (eager inference, no
-    # warm-up compile wanted); if scripting goes away, the plain Python path below serves (same numbers, slower).
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)
-            return torch.jit.script(fused)
-    except Exception:  # any scripting failure means: use the Python path
-        return None
 
 
 def hazard_exit_probabilities(gate_values: torch.Tensor) -> torch.Tensor:

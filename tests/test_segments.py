@@ -111,7 +111,7 @@ def test_policies_that_read_no_gate_skip_them(monkeypatch):
 
 
 @pytest.mark.parametrize("features", [("max_prob", "entropy"), None])
-def test_fused_gate_step_equals_forward_and_history(features):
+def test_gate_step_equals_forward_and_history(features):
     gate = Gate(features) if features else Gate(eexit.config.GATE_FEATURES + eexit.config.HISTORY_FEATURES)
     torch.manual_seed(0)
     gate.linear.weight.data.normal_()
