@@ -103,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="eexit",
         description="Early exits for pretrained vision transformers: train them (JEI-DNN), evaluate, share.",
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{fit,sweep,evaluate,push,demo}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{fit,sweep,evaluate,export,push,demo}")
 
     fit = sub.add_parser("fit", help="train exits for one λ; writes the adapter, results.json and a plot to --out")
     _add_model(fit)
@@ -130,6 +130,13 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--alpha", type=float, default=0.1, help="conformal miscoverage level (default: %(default)s)")
     ev.add_argument("--batch-size", type=int, default=64, help="images per batch (default: %(default)s)")
     ev.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (default: %(default)s)")
+
+    exp = sub.add_parser("export", help="one graph per exit segment + manifest, for ONNX Runtime or torch.export")
+    exp.add_argument("run", help="the --out folder of `eexit fit`")
+    exp.add_argument("out", help="folder to write (must not exist, unless --overwrite replaces an earlier export)")
+    exp.add_argument("--format", choices=["onnx", "torch"], default="onnx", help="graph format (default: %(default)s)")
+    exp.add_argument("--threshold", type=float, help="gate threshold stored as the default (default: the adapter's)")
+    exp.add_argument("--overwrite", action="store_true", help="replace an earlier export in OUT")
 
     push = sub.add_parser("push", help="upload a run's adapter to the Hugging Face Hub")
     push.add_argument("run", help="the --out folder of `eexit fit`")
@@ -172,11 +179,11 @@ def _dispatch(args: argparse.Namespace) -> int:
         run_demo(out_dir=args.out, lams=args.lams, quick=args.quick, seed=args.seed)
         return 0
     _check_numbers(args)
-    if args.command in ("evaluate", "push") and int(os.environ.get("RANK", "0")) != 0:
+    if args.command in ("evaluate", "export", "push") and int(os.environ.get("RANK", "0")) != 0:
         return 0  # one process's work: under a launcher, the other ranks would only write the same files again
-    return {"fit": commands.fit, "sweep": commands.sweep, "evaluate": commands.evaluate, "push": commands.push}[
-        args.command
-    ](args)
+    run = {"fit": commands.fit, "sweep": commands.sweep, "evaluate": commands.evaluate, "push": commands.push}
+    run["export"] = commands.export
+    return run[args.command](args)
 
 
 def _check_numbers(args: argparse.Namespace) -> None:

@@ -246,6 +246,20 @@ def evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def export(args: argparse.Namespace) -> int:
+    """``eexit export RUN OUT``: the run's adapter on its backbone, as graphs per segment + manifest (``ee.export``)."""
+    import dataclasses
+
+    run = read_run(args.run)
+    backbone = load_backbone(run["model"], run["checkpoint"], run["num_classes"], run.get("model_kwargs"))
+    ee = from_pretrained(backbone, args.run)
+    if args.threshold is not None:
+        ee.config = dataclasses.replace(ee.config, threshold=args.threshold)  # validated by ExitConfig
+    folder = ee.export(args.out, format=args.format, overwrite=args.overwrite)
+    print(f"{ee.num_exits} segments ({args.format}) and eexit_export.json written to {folder}")
+    return 0
+
+
 def push(args: argparse.Namespace) -> int:
     """``eexit push RUN REPO``: upload a run's adapter (after loading it onto its backbone, fingerprint checked)."""
     run = read_run(args.run)

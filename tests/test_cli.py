@@ -1,7 +1,8 @@
-"""The command line end to end on an imagefolder of real digits: fit, evaluate, sweep, push, resume, bad input."""
+"""The command line end to end on real digit images: fit, evaluate, sweep, export, push, resume, bad input."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -17,6 +18,8 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from sklearn.datasets import load_digits
 
+import eexit
+from eexit._runs import load_backbone
 from eexit.cli import build_parser, main
 
 TINY = "img_size=32,patch_size=8,embed_dim=32,depth=4,num_heads=2"
@@ -175,7 +178,31 @@ def test_evaluate_bad_input(run, workspace, capsys):
     assert "not both" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("command", ["fit", "sweep", "evaluate", "push", "demo"])
+@pytest.mark.skipif(importlib.util.find_spec("onnxruntime") is None, reason="the export extra is missing")
+def test_export_writes_graphs_the_runtime_serves_like_the_run(run, workspace, capsys):
+    from eexit.runtime import OnnxEarlyExit
+
+    out = workspace / "deploy"
+    assert main(["export", str(run), str(out), "--threshold", "0.4"]) == 0
+    assert "eexit_export.json written" in capsys.readouterr().out
+    runtime = OnnxEarlyExit(out)
+    assert runtime.manifest["threshold"] == 0.4
+    run_info = json.loads((run / "run.json").read_text())
+    backbone = load_backbone(run_info["model"], run_info["checkpoint"], 10, run_info["model_kwargs"])
+    ee = eexit.from_pretrained(backbone, run)
+    images = torch.randn(9, *ee.cost_table.input_shape, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = ee(images, policy=ee.default_policy(0.4))
+    got = runtime(images)
+    assert torch.equal(got.exit_index, want.exit_index)
+    torch.testing.assert_close(got.logits, want.logits, rtol=1e-4, atol=1e-4)
+    assert main(["export", str(run), str(out)]) == 1  # exists: OSError, one line
+    assert "overwrite" in capsys.readouterr().err
+    assert main(["export", str(run), str(workspace / "x"), "--threshold", "1.5"]) == 2
+    assert "threshold" in capsys.readouterr().err and not (workspace / "x").exists()
+
+
+@pytest.mark.parametrize("command", ["fit", "sweep", "evaluate", "export", "push", "demo"])
 def test_help_explains_every_flag(command, capsys):
     with pytest.raises(SystemExit) as exit_:
         main([command, "--help"])
