@@ -3,6 +3,7 @@ the same way, at batch 1 and 64.
 
     python benchmarks/deploy.py [--model vit_small_patch16_224] [--batches 1,64] [--modes eager,compiled,onnx]
                                 [--repeats 5] [--repeats-b1 25] [--json benchmarks/deploy.json]
+    python benchmarks/deploy.py --breakdown [--repeats-b1 40]   # where eager batch-1 overhead goes
 
 For a timm ViT (random weights, 224 px, 11 IMs + the head) it measures, per mode and batch size:
 
@@ -135,6 +136,53 @@ def _measure(mode: str, batch: int, bare, early, ee, args, setup: float) -> list
     return rows
 
 
+def _breakdown(model, ee, repeats: int) -> list[dict]:
+    """Where eager batch-1 overhead goes: the backbone run block by block with more of each exit added each time
+    (no exit taken), against the bare forward, interleaved. Token backbones only."""
+    from eexit.gates import ExitHistory
+
+    spec, blocks = ee.spec, [module for _, module in ee.spec.blocks(model)]
+    x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+
+    def cut(level: int) -> Callable[[], object]:
+        def run() -> object:
+            hidden, history = spec.embed(model, x), ExitHistory()
+            for k, block in enumerate(blocks):
+                hidden = block(hidden)
+                if k in ee.exit_blocks and level >= 1:
+                    feature = spec.pool_at(model, hidden, k)
+                    if level >= 2:
+                        logits = ee.heads[ee.exit_blocks.index(k)](feature)
+                        if level >= 3:
+                            _, history = ee.gates[ee.exit_blocks.index(k)].step(logits, history)
+            return spec.final_logits(model, hidden)
+
+        return run
+
+    runs = {
+        "bare forward": lambda: model(x),
+        "blocks one by one": cut(0),
+        "+ pooling at each exit": cut(1),
+        "+ IM heads": cut(2),
+        "+ gates (statistics, Linear, next history)": cut(3),
+        "eexit forward (+ policy, recorder, segments)": lambda: ee(x, policy=ee.default_policy(1.0)),
+    }
+    for fn in runs.values():
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, fn in runs.items():
+            times[name].append(_time(fn, torch.device("cpu")))
+    bare = statistics.median(times["bare forward"])
+    print("\nbatch-1 overhead, eager, cumulative (median ms, vs the bare forward)")
+    rows = []
+    for name, values in times.items():
+        t = statistics.median(values)
+        print(f"| {name} | {1000 * t:.2f} | {100 * (t / bare - 1):+.1f} % |")
+        rows.append({"mode": "breakdown", "batch": 1, "pattern": name, "ms": 1000 * t, "overhead": t / bare - 1})
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="vit_small_patch16_224")
@@ -143,6 +191,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5, help="repeats at batch > 1")
     parser.add_argument("--repeats-b1", type=int, default=25, help="repeats at batch 1 (each run is short)")
     parser.add_argument("--json", default=None)
+    parser.add_argument("--breakdown", action="store_true", help="only the eager batch-1 overhead, part by part")
     args = parser.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
     threads = torch.get_num_threads()
@@ -160,6 +209,12 @@ def main() -> None:
         "rows": [],
     }
     print(f"{args.model}, {ee.num_exits} exits, cpu threads {threads}, torch {torch.__version__}")
+    if args.breakdown:
+        with torch.inference_mode():
+            results["rows"] = _breakdown(model, ee, args.repeats_b1)
+        if args.json:
+            Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+        return
     with tempfile.TemporaryDirectory() as tmp, torch.inference_mode():
         for mode in args.modes.split(","):
             start = time.perf_counter()

@@ -54,6 +54,8 @@ def _check_batch(carry: Sequence[torch.Tensor]) -> None:
     of them, or checks for an empty input (BatchNorm does), cannot be traced and the graph breaks.
     """
     batch = carry[0].shape[0]
+    if isinstance(batch, int) and not torch.compiler.is_compiling():
+        return  # eager: the sizes are plain numbers, nothing to tell (and ~30 calls per forward saved)
     torch._check(batch > 0)
     for tensor in carry[1:]:
         torch._check(tensor.shape[0] == batch)
