@@ -181,8 +181,13 @@ def _dispatch(args: argparse.Namespace) -> int:
     _check_numbers(args)
     if args.command in ("evaluate", "export", "push") and int(os.environ.get("RANK", "0")) != 0:
         return 0  # one process's work: under a launcher, the other ranks would only write the same files again
-    run = {"fit": commands.fit, "sweep": commands.sweep, "evaluate": commands.evaluate, "push": commands.push}
-    run["export"] = commands.export
+    run = {
+        "fit": commands.fit,
+        "sweep": commands.sweep,
+        "evaluate": commands.evaluate,
+        "export": commands.export,
+        "push": commands.push,
+    }
     return run[args.command](args)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import warnings
 from pathlib import Path
@@ -248,8 +249,6 @@ def evaluate(args: argparse.Namespace) -> int:
 
 def export(args: argparse.Namespace) -> int:
     """``eexit export RUN OUT``: the run's adapter on its backbone, as graphs per segment + manifest (``ee.export``)."""
-    import dataclasses
-
     run = read_run(args.run)
     backbone = load_backbone(run["model"], run["checkpoint"], run["num_classes"], run.get("model_kwargs"))
     ee = from_pretrained(backbone, args.run)

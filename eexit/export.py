@@ -87,8 +87,6 @@ def _state_tensors(ee: EarlyExitModel, carries: list[tuple[torch.Tensor, ...]]) 
 
 
 def _export_onnx(segment: torch.nn.Module, args: tuple[torch.Tensor, ...], path: Path, names: tuple, opset: int | None):
-    require("onnx", "ee.export(format='onnx')")
-    require("onnxscript", "ee.export(format='onnx')")
     inputs, outputs = names
     batch = torch.export.Dim("batch", min=1)
     with warnings.catch_warnings():
@@ -136,9 +134,10 @@ def export(
         The folder.
 
     Raises:
-        SegmentsUnavailable: the backbone cannot be run as segments (the reason is named).
+        SegmentsUnavailable: the backbone cannot be run as segments (the reason is named), or was detached.
+        EexitValueError: an unknown format, ``example_batch`` < 2, a bf16 backbone for ONNX, no cost table.
         ImportError: the ``export`` extra is missing (for ONNX).
-        FileExistsError: ``folder`` exists and ``overwrite`` is False.
+        FileExistsError: ``folder`` exists and ``overwrite`` is False, or it holds something else than an export.
     """
     if format not in FORMATS:
         raise EexitValueError(f"format={format!r} is not an export format; expected one of {sorted(FORMATS)}.")
@@ -163,14 +162,17 @@ def export(
             f"{target} exists and holds no {MANIFEST_NAME}: overwrite=True replaces an earlier export only, never "
             "another folder. Choose a new folder."
         )
-    carries = _example_carries(ee, example_batch)
-    states = _state_tensors(ee, carries)
-    staging = target.parent / f".{target.name}.{uuid.uuid4().hex}.tmp"
-    staging.mkdir(parents=True)
-    entries = []
+    if format == "onnx":
+        require("onnx", "ee.export(format='onnx')")
+        require("onnxscript", "ee.export(format='onnx')")
     was_training = ee.training
-    ee.eval()
+    ee.eval()  # before the example forward: in training mode it would update BatchNorm statistics
+    staging = target.parent / f".{target.name}.{uuid.uuid4().hex}.tmp"
+    entries = []
     try:
+        carries = _example_carries(ee, example_batch)
+        states = _state_tensors(ee, carries)
+        staging.mkdir(parents=True)
         for k, (segment, args) in enumerate(zip(segments, carries)):
             names = (carry_names(ee, k, states), output_names(ee, k, states))
             path = staging / f"segment_{k}{FORMATS[format]}"

@@ -72,9 +72,10 @@ class ExitState:
 class ExitPolicy(Protocol):
     """Decides which running samples stop at intermediate exit ``exit_index`` (never called at the last).
 
-    A policy may set ``reads_sums = False`` to say it never reads ``state.gate_sum`` / ``state.prob_sum``, and
-    ``reads_gates = False`` to say it never reads ``gate_logit`` (it is then ``None``); the early-exit forward then
-    computes neither (a few dozen small ops per exit, which count at batch 1).
+    A policy may set ``reads_sums = False`` to say it never reads ``state.gate_sum`` / ``state.prob_sum`` (the
+    recorder then does not update them), and ``reads_gates = False`` to say it never reads ``gate_logit``: a model
+    run as eager segments then skips the gates and passes ``None`` (a few dozen small ops per exit, which count at
+    batch 1); the hooked, compiled and exported paths still compute them and pass the real values.
     """
 
     def __call__(
@@ -134,7 +135,7 @@ class GatePolicy:
 class ThresholdPolicy:
     """Confidence-threshold exits (BranchyNet / MSDNet): exit where max softmax probability >= η_l."""
 
-    #: Reads neither the gates nor their running sums: the early-exit forward computes neither.
+    #: Reads neither the gates nor their running sums (eager segments then skip the gates).
     reads_sums = False
     reads_gates = False
 

@@ -484,6 +484,7 @@ class EarlyExitModel(nn.Module):
 
         Raises:
             SegmentsUnavailable: the backbone cannot be run as segments, or the exits were detached.
+            EexitValueError: ``mode`` or ``options`` with another backend than inductor, or both together.
         """
         from .compiling import compile_segments
 

@@ -270,7 +270,7 @@ def prepare_segments(ee: EarlyExitModel, input_shape: Sequence[int]) -> tuple[li
         warnings.warn(
             f"{err}. eexit runs this model through its own forward with hooks instead; ee.compile and ee.export "
             "are unavailable for it.",
-            stacklevel=3,
+            stacklevel=4,  # the user's attach() call
         )
         return None, str(err)
     return segments, None

@@ -14,6 +14,7 @@ from backbone_zoo import ZOO
 from torch._dynamo.utils import counters
 
 import eexit
+import eexit.compiling
 import eexit.export
 import eexit.recorder
 from eexit.errors import AdapterError, EexitTypeError, EexitValueError
@@ -284,23 +285,30 @@ def test_compile_gives_every_segment_its_own_graph_beyond_dynamos_recompile_limi
     assert counters["stats"]["unique_graphs"] == 12
 
 
-def test_compiled_model_in_training_mode_runs_eagerly_and_adapter_swaps_apply():
+def test_compiled_model_in_training_mode_runs_eagerly_and_adapter_swaps_apply(monkeypatch):
     ee = _attach("timm_vit_cls")
     images = _images(ee, 6)
     ee.compile(backend="aot_eager")
     with torch.no_grad():
         before = ee(images)
-        ee.add_adapter("other")
-        ee.gates[0].linear.bias.add_(-50.0)  # the live adapter changes in place...
-        ee.set_adapter("other")  # ...and swapping adapters loads tensors into the same modules
+        assert before.exit_index.eq(ee.num_exits - 1).all()  # these random gates send everyone to the end
+        ee.add_adapter("other")  # a copy of the default adapter...
+        ee.gates[0].linear.bias.add_(50.0)  # ...while the live default now sends everyone out at exit 0
+        assert ee(images).exit_index.eq(0).all()  # the compiled graphs read the live weights, not a snapshot
+        ee.set_adapter("other")  # swapping loads the other tensors into the same modules
         swapped = ee(images)
+        assert torch.equal(swapped.exit_index, before.exit_index)
+        torch.testing.assert_close(swapped.logits, before.logits)
         ee.set_adapter("default")
-        assert torch.equal(ee(images).exit_index, swapped.exit_index)
-        ee.set_adapter("other")
-        torch.testing.assert_close(ee(images).logits, before.logits)
-    counters.clear()
+        assert ee(images).exit_index.eq(0).all()
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a compiled segment ran in training mode")
+
+    monkeypatch.setattr(eexit.compiling.CompiledSegment, "__call__", refuse)
     ee.train()
     with torch.no_grad():
-        ee(images)
-    assert counters["stats"]["unique_graphs"] == 0  # training mode: nothing compiled, nothing run compiled
+        ee(images)  # eager segments: no compiled call
     ee.eval()
+    with pytest.raises(AssertionError, match="compiled segment ran"):
+        ee(images)  # and in eval mode the compiled ones are used again

@@ -153,14 +153,18 @@ def test_a_spec_whose_embed_fails_falls_back_to_hooks(monkeypatch):
     assert torch.equal(out.exit_index, decide_exits(full.logits, full.gate_logits, ee.default_policy()))
 
 
-def test_thresholds_on_a_staged_backbone_skip_its_gates_and_match_replay():
+def test_thresholds_on_a_staged_backbone_skip_its_gates_and_match_replay(monkeypatch):
     ee = _attach("dyn_perceiver")
     images = _images(ee, 9)
+    calls = []
+    real = Gate.step
+    monkeypatch.setattr(Gate, "step", lambda self, *a: calls.append(1) or real(self, *a))
     with torch.no_grad():
         full = ee(images, all_exits=True)
         confidence = torch.softmax(full.logits.double(), -1).amax(-1)  # [E, B]
         policy = ThresholdPolicy(confidence.median(dim=1).values.tolist())  # about half leave at each exit
         out = ee(images, policy=policy)
+    assert not calls
     target = decide_exits(full.logits, None, policy)
     assert torch.equal(out.exit_index, target) and len(set(target.tolist())) > 1
     torch.testing.assert_close(out.logits, full.logits[target, torch.arange(9)], rtol=1e-5, atol=1e-5)
