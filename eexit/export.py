@@ -33,7 +33,7 @@ import torch
 from ._version import __version__
 from .backbones.base import StagedSpec
 from .errors import EexitValueError
-from .segments import carry_names, output_names
+from .segments import carry_names, output_names, probe_images, run_all
 
 if TYPE_CHECKING:
     from .model import EarlyExitModel
@@ -70,14 +70,10 @@ def adapter_fingerprint(ee: EarlyExitModel) -> str:
 def _example_carries(ee: EarlyExitModel, batch: int) -> list[tuple[torch.Tensor, ...]]:
     """Each segment's input on a random batch (nobody exits), to trace the graphs with."""
     assert ee.cost_table is not None
-    param = next(ee.backbone.parameters())
-    generator = torch.Generator().manual_seed(0)
-    images = torch.randn(batch, *ee.cost_table.input_shape, generator=generator).to(param.device, param.dtype)
-    carries: list[tuple[torch.Tensor, ...]] = [(images,)]
+    images = probe_images(ee, batch, ee.cost_table.input_shape)
     with torch.no_grad():
-        for segment in ee.segments[:-1]:
-            carries.append(tuple(segment(*carries[-1])[2:]))
-    return carries
+        outputs = run_all(ee.segments, images)
+    return [(images,)] + [tuple(out[2:]) for out in outputs[:-1]]
 
 
 def _state_tensors(ee: EarlyExitModel, carries: list[tuple[torch.Tensor, ...]]) -> int:

@@ -209,17 +209,21 @@ def run_segments(
         carry = out[2:] if step is None else tuple(t.index_select(0, step) for t in out[2:])
 
 
-def all_outputs(segments: Sequence[SegmentFn], images: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Every exit's logits and every gate logit on the whole batch, through the segments (no exit taken)."""
+def run_all(segments: Sequence[SegmentFn], images: torch.Tensor) -> list[Sequence[torch.Tensor]]:
+    """Every segment's outputs on the whole batch (no exit taken): what attach checks and export traces with."""
     carry: Sequence[torch.Tensor] = (images,)
-    logits, gates = [], []
+    outputs = []
     for segment in segments:
-        out = segment(*carry)
-        logits.append(out[0])
-        if len(out) > 1:
-            gates.append(out[1])
-        carry = out[2:]
-    return logits, gates
+        outputs.append(segment(*carry))
+        carry = outputs[-1][2:]
+    return outputs
+
+
+def probe_images(ee: EarlyExitModel, batch: int, input_shape: Sequence[int]) -> torch.Tensor:
+    """Seeded random images ``[batch, *input_shape]`` on the backbone's device, in its dtype."""
+    param = next(ee.backbone.parameters(), None)
+    images = torch.randn(batch, *input_shape, generator=torch.Generator().manual_seed(0))
+    return images if param is None else images.to(device=param.device, dtype=param.dtype)
 
 
 def check_segments(ee: EarlyExitModel, segments: list[nn.Module], images: torch.Tensor) -> None:
@@ -227,12 +231,14 @@ def check_segments(ee: EarlyExitModel, segments: list[nn.Module], images: torch.
     with torch.no_grad():
         reference = ee.run_all_exits(images)
         try:
-            logits, gates = all_outputs(segments, images)
+            outputs = run_all(segments, images)
         except Exception as err:  # a spec method that does not fit this model (another library version, a custom model)
             raise SegmentsUnavailable(
                 f"running {type(ee.backbone).__name__} as segments failed ({type(err).__name__}: {err}); spec "
                 f"{ee.spec.name!r} does not know this model's forward"
             ) from err
+    logits = [out[0] for out in outputs]
+    gates = [out[1] for out in outputs if len(out) > 1]
     pairs = [(f"exit {k} logits", a, b) for k, (a, b) in enumerate(zip(logits, reference.logits))]
     pairs += [(f"gate {k} logit", a, b) for k, (a, b) in enumerate(zip(gates, reference.gate_logits))]
     if len(logits) != len(reference.logits) or len(gates) != len(reference.gate_logits):
@@ -259,13 +265,8 @@ def prepare_segments(ee: EarlyExitModel, input_shape: Sequence[int]) -> tuple[li
     if reason is not None:
         return None, reason
     segments = build_segments(ee)
-    param = next(ee.backbone.parameters(), None)
-    dtype = param.dtype if param is not None else torch.float32
-    device = param.device if param is not None else torch.device("cpu")
-    generator = torch.Generator().manual_seed(0)
-    images = torch.randn(2, *input_shape, generator=generator).to(device=device, dtype=dtype)
     try:
-        check_segments(ee, segments, images)
+        check_segments(ee, segments, probe_images(ee, 2, input_shape))
     except SegmentsUnavailable as err:
         warnings.warn(
             f"{err}. eexit runs this model through its own forward with hooks instead; ee.compile and ee.export "

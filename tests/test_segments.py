@@ -40,6 +40,20 @@ def _hooked(ee: eexit.EarlyExitModel, images: torch.Tensor, policy) -> eexit.Ear
         ee._segments = segments
 
 
+def _count_gate_steps(monkeypatch) -> list[int]:
+    """A list that grows by one at every gate evaluated on the early-exit path."""
+    calls: list[int] = []
+    real = Gate.step
+    monkeypatch.setattr(Gate, "step", lambda self, *a: calls.append(1) or real(self, *a))
+    return calls
+
+
+def _assert_exits_as_replay(ee: eexit.EarlyExitModel, images: torch.Tensor) -> None:
+    with torch.no_grad():
+        out, full = ee(images), ee(images, all_exits=True)
+    assert torch.equal(out.exit_index, decide_exits(full.logits, full.gate_logits, ee.default_policy()))
+
+
 def _spread_threshold(ee: eexit.EarlyExitModel, images: torch.Tensor) -> float:
     """A gate threshold at which the batch's samples leave at different exits (so shrinking is exercised)."""
     with torch.no_grad():
@@ -87,17 +101,13 @@ def test_a_forward_the_spec_does_not_know_falls_back_to_hooks_with_a_warning():
     with pytest.raises(SegmentsUnavailable, match="does not reproduce"):
         _ = ee.segments
     images = _images(ee, 5)
-    with torch.no_grad():
-        out, full = ee(images), ee(images, all_exits=True)
-    assert torch.equal(out.exit_index, decide_exits(full.logits, full.gate_logits, ee.default_policy()))
+    _assert_exits_as_replay(ee, images)
 
 
 def test_policies_that_read_no_gate_skip_them(monkeypatch):
     ee = _attach("timm_vit_cls")
     images = _images(ee, 9)
-    calls = []
-    real = Gate.step
-    monkeypatch.setattr(Gate, "step", lambda self, *a: calls.append(1) or real(self, *a))
+    calls = _count_gate_steps(monkeypatch)
     thresholds = ThresholdPolicy([0.3] * (ee.num_exits - 1) + [0.0])
     with torch.no_grad():
         out = ee(images, policy=thresholds)
@@ -148,17 +158,13 @@ def test_a_spec_whose_embed_fails_falls_back_to_hooks(monkeypatch):
     with pytest.raises(SegmentsUnavailable, match="_pos_embed"):
         ee.compile(backend="eager")
     images = _images(ee, 4)
-    with torch.no_grad():
-        out, full = ee(images), ee(images, all_exits=True)
-    assert torch.equal(out.exit_index, decide_exits(full.logits, full.gate_logits, ee.default_policy()))
+    _assert_exits_as_replay(ee, images)
 
 
 def test_thresholds_on_a_staged_backbone_skip_its_gates_and_match_replay(monkeypatch):
     ee = _attach("dyn_perceiver")
     images = _images(ee, 9)
-    calls = []
-    real = Gate.step
-    monkeypatch.setattr(Gate, "step", lambda self, *a: calls.append(1) or real(self, *a))
+    calls = _count_gate_steps(monkeypatch)
     with torch.no_grad():
         full = ee(images, all_exits=True)
         confidence = torch.softmax(full.logits.double(), -1).amax(-1)  # [E, B]
