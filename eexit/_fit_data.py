@@ -65,6 +65,11 @@ def batches(
         images = check_images(images, "train_loader" if grad else "val_loader")
         labels = check_labels(labels, ee.num_classes)
         total = labels.shape[0]
+        if dist.active and not isinstance(images, torch.Tensor):
+            raise EexitValueError(
+                "training on batches of graphs runs in one process; several processes split image batches only. "
+                "Launch without accelerate/torchrun."
+            )
         if dist.active:  # the loader yields global batches; this process computes its share of the rows
             images, labels = images.tensor_split(dist.world)[dist.rank], labels.tensor_split(dist.world)[dist.rank]
             if labels.numel() == 0:

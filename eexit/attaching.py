@@ -73,7 +73,9 @@ def attach(
         spec: a spec instance, e.g. :class:`eexit.GenericSpec`, for models no registered spec knows.
         backbone: name of a registered spec to use instead of matching (see ``eexit.list_specs()``).
         num_classes: classes to predict; required when the backbone has no classification head.
-        input_size: (C, H, W) at which to measure the cost table, when the backbone does not fix it.
+        input_size: (C, H, W) at which to measure the cost table, when the backbone does not fix it; for a graph
+            backbone, the reference graph size (nodes, edges) at which the JEI-DNN objective prices the exits
+            (every graph is still charged its own cost).
 
     Returns:
         The :class:`EarlyExitModel`; call it on images for real early exit.
@@ -112,8 +114,10 @@ def attach(
         raise EexitValueError(f"{type(model).__name__} has a single block: there is no place for an early exit.")
 
     staged = isinstance(spec, StagedSpec)
-    if input_size is None and staged:
-        input_size = spec.default_input_size(model)  # any size runs; measure costs at the model's usual one
+    graphs = getattr(spec, "input_kind", "images") == "graphs"
+    if input_size is None and (staged or graphs):
+        # Any size runs; measure costs at the model's usual one (graphs: a reference (nodes, edges) size).
+        input_size = spec.default_input_size(model)  # type: ignore[attr-defined]
     expected = spec.input_shape(model)
     shape = tuple(input_size) if input_size is not None else expected
     if any(s is None for s in shape):

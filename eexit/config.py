@@ -103,7 +103,9 @@ class ExitConfig(_JsonConfig):
         exit_blocks: 0-based indices of the blocks whose outputs feed an IM (exit head). ``None`` puts one
             after every block but the last when the backbone has its own classifier (that classifier is the
             last exit), and after every block when it has none.
-        head: ``"linear"`` (the paper's IM: one Linear on the pooled token) or ``"mlp"`` (Linear-GELU-Linear).
+        head: ``"linear"`` (the paper's IM: one Linear on the pooled token), ``"mlp"`` (Linear-GELU-Linear), or, on
+            graph backbones (GRIT), ``"graph_head"``: a fresh copy of the model's own graph head (the JEI-DNN
+            authors' IMs there).
         head_hidden: hidden width of the ``"mlp"`` head; ``None`` uses the feature width.
         gates: the gate formulation (DESIGN.md, "the gate formulations"). ``"hazard"`` (default): gate l
             estimates the chance that exit l is the best of the exits still ahead, P(G=l) = h_l Π_{j<l}(1 - h_j),
@@ -117,7 +119,7 @@ class ExitConfig(_JsonConfig):
     """
 
     exit_blocks: tuple[int, ...] | None = None
-    head: Literal["linear", "mlp"] = "linear"
+    head: Literal["linear", "mlp", "graph_head"] = "linear"
     head_hidden: int | None = None
     gates: Literal["hazard", "paper"] = "hazard"
     gate_features: tuple[str, ...] | None = None
@@ -140,7 +142,7 @@ class ExitConfig(_JsonConfig):
             if list(blocks) != sorted(set(blocks)):
                 raise EexitValueError(f"exit_blocks must be strictly increasing, got {list(blocks)}.")
             self.exit_blocks = blocks
-        _check_choice("head", self.head, ["linear", "mlp"])
+        _check_choice("head", self.head, ["linear", "mlp", "graph_head"])
         if self.head_hidden is not None and (not isinstance(self.head_hidden, int) or self.head_hidden < 1):
             raise EexitValueError(f"head_hidden must be a positive int or None, got {self.head_hidden!r}.")
         _check_choice("gates", self.gates, GATE_KINDS)

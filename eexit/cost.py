@@ -76,12 +76,19 @@ class CostTable:
     Attributes:
         exit_flops: cumulative FLOPs to reach and evaluate exit l (IMs and gates on the way included).
         backbone_flops: FLOPs of the bare backbone forward (no exits), the reference for "fraction of full cost".
-        input_shape: the (C, H, W) the table was measured at.
+        input_shape: the (C, H, W) the table was measured at; for graph backbones the reference graph size
+            (nodes, edges) at which ``exit_flops`` and ``backbone_flops`` are given.
+        size_terms: graph backbones only: per exit, the coefficients ``(a, b, c, d)`` of its exact cost for a graph
+            of n nodes and m edges, ``a + b·n + c·n² + d·m`` FLOPs (fitted to FlopCounterMode readings on graphs of
+            several sizes, checked on one more); ``None`` for image backbones, whose cost does not vary per sample.
+        backbone_terms: the same coefficients for the bare backbone forward.
     """
 
     exit_flops: list[float]
     backbone_flops: float
     input_shape: list[int] = field(default_factory=list)
+    size_terms: list[list[float]] | None = None
+    backbone_terms: list[float] | None = None
 
     def __post_init__(self) -> None:
         if not self.exit_flops or any(b < a for a, b in zip(self.exit_flops, self.exit_flops[1:])):
@@ -107,39 +114,135 @@ class CostTable:
         """Cost of each exit as a fraction of the bare backbone (the last one is slightly above 1)."""
         return [f / self.backbone_flops for f in self.exit_flops]
 
+    @property
+    def per_sample(self) -> bool:
+        """Whether each sample's cost depends on its size (graph backbones: :meth:`graph_flops`)."""
+        return self.size_terms is not None
+
+    def graph_flops(self, nodes: torch.Tensor, edges: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each graph's FLOPs at every exit ``[G, E]`` and of the bare backbone ``[G]`` (float64).
+
+        Args:
+            nodes: nodes per graph ``[G]``.
+            edges: input edges per graph ``[G]``.
+        """
+        if self.size_terms is None or self.backbone_terms is None:
+            raise EexitValueError("this cost table has no per-graph terms (it was measured for an image backbone).")
+        n = nodes.to(torch.float64)
+        sizes = torch.stack((torch.ones_like(n), n, n * n, edges.to(torch.float64)), dim=1)  # [G, 4]
+        terms = torch.tensor(self.size_terms, dtype=torch.float64, device=n.device)  # [E, 4]
+        backbone = torch.tensor(self.backbone_terms, dtype=torch.float64, device=n.device)
+        # Element-wise products, not a matmul: a FlopCounterMode around the forward must not count the bookkeeping.
+        return (sizes.unsqueeze(1) * terms).sum(-1), (sizes * backbone).sum(-1)
+
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "exit_flops": list(self.exit_flops),
             "exit_macs": self.exit_macs,
             "backbone_flops": self.backbone_flops,
             "input_shape": list(self.input_shape),
             "unit": "FLOPs per sample (2 per multiply-add), torch.utils.flop_counter",
         }
+        if self.size_terms is not None:
+            out["size_terms"] = [list(t) for t in self.size_terms]
+            out["backbone_terms"] = list(self.backbone_terms or [])
+            out["size_terms_unit"] = "FLOPs of one graph = a + b*nodes + c*nodes^2 + d*edges, terms (a, b, c, d)"
+        return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> CostTable:
+        terms = data.get("size_terms")
         return cls(
             exit_flops=[float(x) for x in data["exit_flops"]],
             backbone_flops=float(data["backbone_flops"]),
             input_shape=[int(x) for x in data.get("input_shape", [])],
+            size_terms=[[float(v) for v in t] for t in terms] if terms is not None else None,
+            backbone_terms=[float(v) for v in data["backbone_terms"]] if terms is not None else None,
         )
 
 
-def measure_cost_table(ee: EarlyExitModel, input_shape: tuple[int, int, int]) -> CostTable:
-    """Measure the cost table of an attached model on one zero image of ``input_shape`` (C, H, W)."""
+def _readings(ee: EarlyExitModel, example: Any) -> tuple[list[float], float]:
+    """(cumulative FLOPs after each exit, bare backbone FLOPs) of one all-exits forward of ``example``."""
+    with torch.no_grad():
+        with flop_counter() as bare:
+            ee.spec.call(ee.backbone, example)
+        readings: list[float] = []
+        with flop_counter() as counter:
+            ee.run_all_exits(example, on_exit=lambda: readings.append(float(counter.get_total_flops())))
+            total = float(counter.get_total_flops())
+    exit_flops = [*readings[: ee.num_exits - 1], total] if ee.has_backbone_head else readings
+    return exit_flops, float(bare.get_total_flops())
+
+
+def measure_cost_table(ee: EarlyExitModel, input_shape: tuple[int, ...]) -> CostTable:
+    """Measure the cost table of an attached model on one zero image of ``input_shape`` (C, H, W).
+
+    Graph backbones (``spec.input_kind == "graphs"``) take ``input_shape = (nodes, edges)``, the reference graph
+    size: see :func:`measure_graph_cost_table`.
+    """
+    if getattr(ee.spec, "input_kind", "images") == "graphs":
+        return measure_graph_cost_table(ee, input_shape)
     param = next(ee.parameters())
     example = torch.zeros(1, *input_shape, dtype=param.dtype, device=param.device)
     was_training = ee.training
     ee.eval()
     try:
-        with torch.no_grad():
-            with flop_counter() as bare:
-                ee.spec.call(ee.backbone, example)
-            readings: list[float] = []
-            with flop_counter() as counter:
-                ee.run_all_exits(example, on_exit=lambda: readings.append(float(counter.get_total_flops())))
-                total = float(counter.get_total_flops())
+        exit_flops, backbone = _readings(ee, example)
     finally:
         ee.train(was_training)
-    exit_flops = [*readings[: ee.num_exits - 1], total] if ee.has_backbone_head else readings
-    return CostTable(exit_flops=exit_flops, backbone_flops=float(bare.get_total_flops()), input_shape=list(input_shape))
+    return CostTable(exit_flops=exit_flops, backbone_flops=backbone, input_shape=list(input_shape))
+
+
+#: (nodes, edges) of the graphs the per-graph cost terms are fitted on; the last one checks the fit.
+_FIT_SIZES = ((1, 0), (3, 4), (6, 5), (9, 20), (12, 15), (17, 60))
+
+
+def measure_graph_cost_table(ee: EarlyExitModel, reference: tuple[int, ...]) -> CostTable:
+    """The cost table of a graph backbone: exact per-graph cost terms, and the table at the reference size.
+
+    The cost of a graph at an exit is ``a + b·n + c·n² + d·m`` FLOPs for n nodes and m edges: node-wise layers grow
+    with n, the attention over all n² ordered pairs with n², the edge encoder with m, the exits' heads and gates
+    are constant. The four terms of every exit are solved from FlopCounterMode readings on five random graphs and
+    checked on a sixth (the measurement is refused if any reading is off by more than one FLOP in 10⁶). The random
+    walks' powers are a data transform (``add_rrwp``), not part of the forward, so they are not counted.
+    """
+    if len(reference) != 2 or any(not isinstance(v, int) or v < 0 for v in reference) or reference[0] < 1:
+        raise EexitValueError(
+            f"a graph backbone's cost table is given at a reference graph size (nodes, edges), e.g. (71, 565); "
+            f"got {tuple(reference)}."
+        )
+    was_training = ee.training
+    ee.eval()
+    try:
+        rows, exits, bare = [], [], []
+        for i, (n, m) in enumerate(_FIT_SIZES):
+            flops, backbone = _readings(ee, ee.spec.example_graph(ee.backbone, n, m, seed=i))
+            rows.append([1.0, float(n), float(n * n), float(m)])
+            exits.append(flops)
+            bare.append(backbone)
+    finally:
+        ee.train(was_training)
+    sizes = torch.tensor(rows, dtype=torch.float64)
+    readings = torch.tensor([[*e, b] for e, b in zip(exits, bare)], dtype=torch.float64)  # [6, E + 1]
+    terms = torch.linalg.lstsq(sizes[:-1], readings[:-1]).solution  # [4, E + 1]
+    predicted = sizes @ terms
+    if bool(((predicted - readings).abs() > 1e-6 * readings.abs().clamp(min=1.0) + 1.0).any()):
+        raise EexitValueError(
+            f"{ee.spec.name}: the measured FLOPs are not of the form a + b·n + c·n² + d·m in the graph size "
+            f"(readings {readings.tolist()}, fit {predicted.tolist()}); the spec's cost model does not fit this model."
+        )
+    terms = terms.round()  # FLOP counts are integers; the solve only adds rounding noise
+    if getattr(ee.spec, "costs", "flops") == "uniform":
+        # The JEI-DNN authors' convention: exit after layer l costs (l + 1) / L of the whole model, per graph.
+        layers = len(ee.spec.blocks(ee.backbone))
+        fractions = [(b + 1) / layers for b in ee.exit_blocks] + ([1.0] if ee.has_backbone_head else [])
+        terms[:, :-1] = terms[:, ee.num_exits - 1 : ee.num_exits] * torch.tensor(fractions, dtype=torch.float64)
+    size_terms = terms[:, :-1].t().tolist()
+    backbone_terms = terms[:, -1].tolist()
+    table = CostTable([1.0], 1.0, [int(v) for v in reference], size_terms, backbone_terms)
+    n_ref, m_ref = torch.tensor([reference[0]]), torch.tensor([reference[1]])
+    at_ref, backbone_ref = table.graph_flops(n_ref, m_ref)
+    table.exit_flops = [float(v) for v in at_ref[0]]
+    table.backbone_flops = float(backbone_ref[0])
+    table.__post_init__()
+    return table

@@ -23,7 +23,12 @@ _LABEL_KEYS = ("labels", "label", "targets", "target", "y")
 
 
 def unpack_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    """Images and labels from a ``(images, labels)`` pair or a dict (``pixel_values``/``labels`` and alikes)."""
+    """Images and labels from a ``(images, labels)`` pair or a dict (``pixel_values``/``labels`` and alikes); a
+    torch_geometric batch of graphs is its own input, with its labels in ``y``."""
+    if is_graph_batch(batch):
+        if getattr(batch, "y", None) is None:
+            raise EexitValueError("a batch of graphs needs its labels in `y` (one class index per graph).")
+        return batch, batch.y.view(-1)
     if isinstance(batch, dict):
         image_key = next((k for k in _IMAGE_KEYS if k in batch), None)
         label_key = next((k for k in _LABEL_KEYS if k in batch), None)
@@ -57,8 +62,17 @@ def check_labels(labels: Any, num_classes: int) -> torch.Tensor:
     return labels.long()
 
 
+def is_graph_batch(batch: Any) -> bool:
+    """Whether ``batch`` is a torch_geometric ``Batch`` / ``Data`` (graph backbones' input)."""
+    return hasattr(batch, "edge_index") and hasattr(batch, "x") and not isinstance(batch, (dict, tuple, list))
+
+
 def check_images(images: Any, where: str) -> torch.Tensor:
-    """Refuse non-tensors and NaN/Inf pixels, which would silently poison every exit's statistics."""
+    """Refuse non-tensors and NaN/Inf pixels (or node features), which would silently poison every exit's statistics."""
+    if is_graph_batch(images):
+        if images.x.is_floating_point() and not all_finite(images.x):
+            raise EexitValueError(f"{where}: some node features are NaN or Inf; clean the graphs.")
+        return images
     if not isinstance(images, torch.Tensor):
         raise EexitTypeError(f"{where}: images must be a torch.Tensor, got {type(images).__name__}.")
     if images.is_floating_point() and not all_finite(images):

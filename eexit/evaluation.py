@@ -31,6 +31,11 @@ class CollectedOutputs:
     logits: torch.Tensor  # [E, N, C]
     gate_logits: torch.Tensor  # [E-1, N]
     labels: torch.Tensor  # [N]
+    #: Graph backbones: each sample's FLOPs at every exit ``[N, E]`` and of the bare backbone ``[N]`` (float64),
+    #: since a graph's cost grows with its size; ``None`` where every sample costs the cost table's (images, and
+    #: outputs computed from a feature cache, which keeps no graph sizes).
+    sample_flops: torch.Tensor | None = None
+    backbone_flops: torch.Tensor | None = None
 
 
 @torch.no_grad()
@@ -57,7 +62,7 @@ def collect_outputs(
         return source
     was_training = ee.training
     ee.eval()
-    logits, gates, labels = [], [], []
+    logits, gates, labels, flops, bare = [], [], [], [], []
     try:
         if isinstance(source, FeatureCache):
             for feats, final, _ in source.batches(batch_size, shuffle=False):
@@ -79,11 +84,21 @@ def collect_outputs(
                 out = ee(images.to(device), all_exits=True)
                 logits.append(out.logits.float().cpu())
                 gates.append(out.gate_logits.float().cpu())
+                if ee.cost_table is not None and ee.cost_table.per_sample:
+                    sample, backbone = ee.sample_costs(images)
+                    flops.append(sample.cpu())
+                    bare.append(backbone.cpu())
     finally:
         ee.train(was_training)
     if not logits:
         raise EexitValueError("the loader yielded no batch (or the cache is empty); at least one sample is needed.")
-    return CollectedOutputs(torch.cat(logits, dim=1), torch.cat(gates, dim=1), torch.cat(labels))
+    return CollectedOutputs(
+        torch.cat(logits, dim=1),
+        torch.cat(gates, dim=1),
+        torch.cat(labels),
+        torch.cat(flops) if flops else None,
+        torch.cat(bare) if bare else None,
+    )
 
 
 @dataclass
@@ -176,7 +191,8 @@ def evaluate_outputs(
     """The report of :func:`evaluate` from outputs already collected and exits already decided.
 
     For methods whose exits are not the gates' (confidence thresholds, BoostedNet's ensemble logits): pass
-    their logits in ``out`` and the exit each sample takes; costs come from ``ee.cost_table``.
+    their logits in ``out`` and the exit each sample takes; costs come from ``ee.cost_table`` (graphs: from each
+    graph's own cost, ``out.sample_flops``, when the outputs were collected from a loader).
 
     Args:
         ee: the model (for the cost table and whether the last exit is the backbone's head).
@@ -190,7 +206,13 @@ def evaluate_outputs(
     n = out.labels.shape[0]
     chosen = out.logits[taken, torch.arange(n)]  # [N, C]
     table = ee.cost_table
-    mean_flops = metrics.expected_cost(taken, table.exit_flops)
+    if out.sample_flops is not None and out.backbone_flops is not None:
+        # Graphs: each sample pays its own cost; the fraction is of the same graphs' full-backbone cost.
+        mean_flops = float(out.sample_flops[torch.arange(n), taken.to(out.sample_flops.device)].mean())
+        backbone_flops = float(out.backbone_flops.mean())
+    else:
+        mean_flops = metrics.expected_cost(taken, table.exit_flops)
+        backbone_flops = table.backbone_flops
     per_exit = metrics.per_exit_accuracy(out.logits, out.labels, taken)
     conformal = None
     if calibration is not None:
@@ -204,9 +226,9 @@ def evaluate_outputs(
         accuracy=metrics.accuracy(chosen, out.labels),
         mean_gflops=mean_flops / 1e9,
         mean_gmacs=mean_flops / 2e9,
-        cost_fraction=mean_flops / table.backbone_flops,
+        cost_fraction=mean_flops / backbone_flops,
         backbone_accuracy=metrics.accuracy(out.logits[-1], out.labels) if ee.has_backbone_head else float("nan"),
-        backbone_gflops=table.backbone_flops / 1e9,
+        backbone_gflops=backbone_flops / 1e9,
         exit_rates=metrics.exit_rates(taken, ee.num_exits).tolist(),
         exit_accuracy_all=per_exit.on_all.tolist(),
         exit_accuracy_exited=per_exit.on_exited.tolist(),

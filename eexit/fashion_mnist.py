@@ -20,13 +20,22 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from .errors import EexitValueError
 
-__all__ = ["DEBIAN_DIR", "ENV_VAR", "FashionMNISTSplits", "find_fashion_mnist", "load_fashion_mnist"]
+__all__ = [
+    "DEBIAN_DIR",
+    "ENV_VAR",
+    "FashionMNISTSplits",
+    "RawFashionMNIST",
+    "find_fashion_mnist",
+    "load_fashion_mnist",
+    "read_fashion_mnist_raw",
+]
 
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
 ENV_VAR = "EEXIT_FASHION_MNIST"
@@ -108,6 +117,49 @@ def _torchvision_root(source: Path, cache: Path) -> Path:
     return cache
 
 
+class RawFashionMNIST(NamedTuple):
+    """The two IDX files as read (uint8 images ``[N, 28, 28]``, long labels) and the seeded train / val split."""
+
+    train_images: torch.Tensor
+    train_labels: torch.Tensor
+    test_images: torch.Tensor
+    test_labels: torch.Tensor
+    train_ix: torch.Tensor
+    val_ix: torch.Tensor
+
+
+def read_fashion_mnist_raw(
+    root: str | os.PathLike[str] | None = None,
+    *,
+    val_size: int = 10_000,
+    seed: int = 0,
+    cache_dir: str | os.PathLike[str] | None = None,
+    download: bool = False,
+) -> RawFashionMNIST:
+    """The raw images and labels of both files, and the indices of :func:`load_fashion_mnist`'s split.
+
+    The arguments mean what they mean for :func:`load_fashion_mnist`, which builds its splits from this.
+    """
+    from torchvision.datasets import FashionMNIST
+
+    if download:
+        if root is None:
+            raise EexitValueError("download=True needs root=..., the folder to download Fashion-MNIST into.")
+        tv_root = Path(root)
+    else:
+        cache = Path(cache_dir) if cache_dir is not None else Path.home() / ".cache" / "eexit"
+        tv_root = _torchvision_root(find_fashion_mnist(root), cache)
+    train_file = FashionMNIST(str(tv_root), train=True, download=download)
+    test_file = FashionMNIST(str(tv_root), train=False, download=download)
+    y_all = train_file.targets.long()
+    if not 0 < val_size < len(y_all):
+        raise EexitValueError(f"val_size must be in (0, {len(y_all)}), got {val_size}.")
+    order = torch.randperm(len(y_all), generator=torch.Generator().manual_seed(seed))
+    return RawFashionMNIST(
+        train_file.data, y_all, test_file.data, test_file.targets.long(), order[val_size:], order[:val_size]
+    )
+
+
 def load_fashion_mnist(
     root: str | os.PathLike[str] | None = None,
     *,
@@ -130,25 +182,12 @@ def load_fashion_mnist(
     Returns:
         The three splits, standardised with the training images' mean and standard deviation.
     """
-    from torchvision.datasets import FashionMNIST
-
-    if download:
-        if root is None:
-            raise EexitValueError("download=True needs root=..., the folder to download Fashion-MNIST into.")
-        tv_root = Path(root)
-    else:
-        cache = Path(cache_dir) if cache_dir is not None else Path.home() / ".cache" / "eexit"
-        tv_root = _torchvision_root(find_fashion_mnist(root), cache)
-    train_file = FashionMNIST(str(tv_root), train=True, download=download)
-    test_file = FashionMNIST(str(tv_root), train=False, download=download)
-    x_all = train_file.data.float().unsqueeze(1) / 255.0  # [60000, 1, 28, 28]
-    y_all = train_file.targets.long()
-    if not 0 < val_size < len(y_all):
-        raise EexitValueError(f"val_size must be in (0, {len(y_all)}), got {val_size}.")
-    order = torch.randperm(len(y_all), generator=torch.Generator().manual_seed(seed))
-    train_ix, val_ix = order[val_size:], order[:val_size]
+    raw = read_fashion_mnist_raw(root, val_size=val_size, seed=seed, cache_dir=cache_dir, download=download)
+    x_all = raw.train_images.float().unsqueeze(1) / 255.0  # [60000, 1, 28, 28]
+    y_all = raw.train_labels
+    train_ix, val_ix = raw.train_ix, raw.val_ix
     mean, std = x_all[train_ix].mean(), x_all[train_ix].std()  # statistics of the training images only
-    x_test = (test_file.data.float().unsqueeze(1) / 255.0 - mean) / std
+    x_test = (raw.test_images.float().unsqueeze(1) / 255.0 - mean) / std
     x_all = (x_all - mean) / std
 
     def cut(x: torch.Tensor, y: torch.Tensor) -> TensorDataset:
@@ -157,5 +196,5 @@ def load_fashion_mnist(
     return FashionMNISTSplits(
         cut(x_all[train_ix], y_all[train_ix]),
         cut(x_all[val_ix], y_all[val_ix]),
-        cut(x_test, test_file.targets.long()),
+        cut(x_test, raw.test_labels),
     )

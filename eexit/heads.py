@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .errors import EexitValueError
+
 __all__ = ["ExitHead"]
 
 
@@ -25,6 +27,11 @@ class ExitHead(nn.Module):
     def __init__(self, width: int, num_classes: int, kind: str = "linear", hidden: int | None = None) -> None:
         super().__init__()
         self.width, self.num_classes, self.kind = width, num_classes, kind
+        if kind not in ("linear", "mlp"):
+            raise EexitValueError(
+                f"head={kind!r} is not an IM this backbone can build: 'linear' or 'mlp' ('graph_head' is for graph "
+                "backbones such as GRIT)."
+            )
         if kind == "linear":
             self.net: nn.Module = nn.Linear(width, num_classes)
         else:

@@ -28,6 +28,7 @@ from .config import ExitConfig, FitConfig
 from .cost import CostTable
 from .errors import EexitTypeError, EexitValueError, SegmentsUnavailable
 from .gates import ExitHistory, Gate
+from .graphs import GraphDriver, graph_sizes, num_graphs
 from .hooked import HookedDriver
 from .inference import ExitPolicy, GatePolicy
 from .outputs import AllExitsOutput, EarlyExitOutput
@@ -37,12 +38,15 @@ from .staged import StagedDriver
 
 __all__ = ["AllExitsOutput", "EarlyExitModel", "EarlyExitOutput", "make_driver"]
 
-Driver = HookedDriver | StagedDriver
+Driver = HookedDriver | StagedDriver | GraphDriver
 
 
 def make_driver(backbone: nn.Module, spec: BackboneSpec, exit_blocks: list[int], config: ExitConfig) -> Driver:
     """The driver that runs ``backbone`` as ``spec`` describes it: its stages for a :class:`StagedSpec`, hooks
-    otherwise. Refuses an exit placement or configuration the backbone cannot take, before anything is changed."""
+    otherwise; a graph backbone's layers with the graph driver. Refuses an exit placement or configuration the
+    backbone cannot take, before anything is changed."""
+    if getattr(spec, "input_kind", "images") == "graphs":
+        return GraphDriver(backbone, spec, exit_blocks, config)
     if isinstance(spec, StagedSpec):
         return StagedDriver(backbone, spec, exit_blocks, config)
     return HookedDriver(backbone, spec, exit_blocks)
@@ -320,17 +324,60 @@ class EarlyExitModel(nn.Module):
         gate_logit = self.gates[k](logits, history) if k < self.num_exits - 1 else None  # [b]
         return logits, gate_logit
 
-    def _costs_of(self, exit_index: torch.Tensor) -> torch.Tensor:
-        """FLOPs each sample spent, from the cost table, ``[B]`` float64."""
+    def _costs_of(self, exit_index: torch.Tensor, inputs: Any = None) -> torch.Tensor:
+        """FLOPs each sample spent, from the cost table, ``[B]`` float64 (graphs: each graph's own cost)."""
         device = exit_index.device
         if self.cost_table is None:
             return torch.zeros(exit_index.shape, dtype=torch.float64, device=device)
+        if self.cost_table.per_sample and inputs is not None:
+            flops = self.sample_costs(inputs)[0].to(device)
+            return flops[torch.arange(exit_index.shape[0], device=device), exit_index]
         return torch.tensor(self.cost_table.exit_flops, dtype=torch.float64, device=device)[exit_index]
 
+    @property
+    def reads_graphs(self) -> bool:
+        """Whether the backbone reads batches of graphs (GRIT) instead of images."""
+        return getattr(self.spec, "input_kind", "images") == "graphs"
+
+    def sample_costs(self, inputs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each sample's FLOPs at every exit ``[B, E]`` and of the bare backbone ``[B]`` (float64).
+
+        Image backbones charge every sample the cost table; graph backbones charge each graph by its size.
+        """
+        table = self.cost_table
+        if table is None:
+            raise EexitValueError("this model has no cost table; attach measures it.")
+        if table.per_sample:
+            nodes, edges = graph_sizes(inputs)
+            return table.graph_flops(nodes, edges)
+        batch = inputs.shape[0]
+        exits = torch.tensor(table.exit_flops, dtype=torch.float64).expand(batch, -1)
+        return exits, torch.full((batch,), table.backbone_flops, dtype=torch.float64)
+
+    def batch_size(self, inputs: Any) -> int:
+        """Samples in a batch: images along dim 0, or graphs in a torch_geometric batch."""
+        return num_graphs(inputs) if self.reads_graphs else int(inputs.shape[0])
+
     # ------------------------------------------------------------------ forwards
+    def _check_graphs(self, batch: Any) -> Any:
+        if not (hasattr(batch, "x") and hasattr(batch, "edge_index")):
+            raise EexitTypeError(
+                f"{type(self.backbone).__name__} reads graphs: expected a torch_geometric Batch (or Data) with x, "
+                f"edge_index and edge_attr, got {type(batch).__name__}. Batch graphs with "
+                "torch_geometric.loader.DataLoader (eexit.superpixels builds them from images)."
+            )
+        if self.check_inputs and batch.x.is_floating_point() and not all_finite(batch.x):
+            raise EexitValueError(
+                "some node features are NaN or Inf: every exit would answer with garbage. Clean the graphs; set "
+                "ee.check_inputs = False to skip this check."
+            )
+        return batch
+
     def _check_input(self, pixel_values: Any) -> torch.Tensor:
         if self._restore is None and self.cost_table is not None:
             raise EexitValueError("these exits were detached from the backbone; attach again with eexit.attach(model).")
+        if self.reads_graphs:
+            return self._check_graphs(pixel_values)
         if not isinstance(pixel_values, torch.Tensor):
             raise EexitTypeError(f"expected images as a torch.Tensor [B, C, H, W], got {type(pixel_values).__name__}.")
         if pixel_values.dim() != 4:
@@ -374,7 +421,12 @@ class EarlyExitModel(nn.Module):
             on_exit: called after each exit (the cost table reads its FLOP counter there).
         """
         collector = ExitCollector(
-            self.exit_output, self.num_exits, pixel_values.shape[0], self.config.gates, self.uses_history, on_exit
+            self.exit_output,
+            self.num_exits,
+            self.batch_size(pixel_values),
+            self.config.gates,
+            self.uses_history,
+            on_exit,
         )
         final = self.driver.run(pixel_values, collector)
         return collector.output(final if self.has_backbone_head else None)
@@ -388,7 +440,7 @@ class EarlyExitModel(nn.Module):
         pixel_values = self._check_input(pixel_values)
         widths = self.driver.feature_widths()
         # Without a head the backbone can stop after the last IM; with one, it must run to its end.
-        sink = FeatureSink(pixel_values.shape[0], None if self.has_backbone_head else len(widths) - 1)
+        sink = FeatureSink(self.batch_size(pixel_values), None if self.has_backbone_head else len(widths) - 1)
         final = self.driver.run(pixel_values, sink)
         return sink.features, final
 
@@ -424,14 +476,15 @@ class EarlyExitModel(nn.Module):
             return self.run_all_exits(pixel_values)
         # Compiled segments serve inference only; an empty batch has nothing to cut (the hooks return [0, C]).
         segments = (self._compiled if not self.training else None) or self._segments
-        if pixel_values.shape[0] == 0:
+        batch = self.batch_size(pixel_values)
+        if batch == 0:
             segments = None
         # Segments carry the gates' history and the earlier exits' logits themselves; the hooks need the recorder to.
         recorder = ExitRecorder(
             self.exit_output,
             self.num_exits,
-            pixel_values.shape[0],
-            pixel_values.device,
+            batch,
+            self._input_device(pixel_values),
             self._check_policy(policy),
             with_history=self.uses_history and segments is None,
             keep_earlier=self.driver.reads_earlier_exits and segments is None,
@@ -443,7 +496,10 @@ class EarlyExitModel(nn.Module):
             logits, exit_index = recorder.finish()
         else:
             logits, exit_index = recorder.finish(self.driver.run(pixel_values, recorder))
-        return EarlyExitOutput(logits=logits, exit_index=exit_index, cost=self._costs_of(exit_index))
+        return EarlyExitOutput(logits=logits, exit_index=exit_index, cost=self._costs_of(exit_index, pixel_values))
+
+    def _input_device(self, inputs: Any) -> torch.device:
+        return inputs.x.device if self.reads_graphs else inputs.device
 
     # ------------------------------------------------------------------ segments: compile and export
     def prepare_segments(self, input_shape: tuple[int, ...]) -> None:

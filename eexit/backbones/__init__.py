@@ -8,6 +8,7 @@ module is already loaded (``loaded_class``), so none of this imports timm or tra
 # Catch-all specs (hf_auto, unsupported) defer to every other spec, so the order here does not matter.
 from . import (  # noqa: F401
     dynamic_perceiver,
+    grit,
     hf_auto,
     hf_beit,
     hf_dinov2,
