@@ -23,7 +23,9 @@ def _front_matter(meta: dict[str, Any]) -> str:
     backbone = meta["backbone"]
     family = backbone.get("family", "")
     framework = "transformers" if family.startswith("hf") else "timm" if family.startswith("timm") else None
-    tags = ["eexit", "early-exit", "jei-dnn", "image-classification", *([framework] if framework else [])]
+    # Graph backbones (GRIT) classify graphs, not images: the Hub's task for them is graph machine learning.
+    task = "graph-ml" if meta["cost_table"].get("size_terms") is not None else "image-classification"
+    tags = ["eexit", "early-exit", "jei-dnn", task, *([framework] if framework else [])]
     # Only a Hub id ("org/name") links the model tree; a bare architecture name (timm's, for a model built
     # without pretrained weights) would be flagged as invalid metadata by the Hub.
     base = backbone.get("base_model") if "/" in str(backbone.get("base_model") or "") else None
@@ -31,7 +33,7 @@ def _front_matter(meta: dict[str, Any]) -> str:
         library_name="eexit",
         base_model=base,
         tags=tags,
-        pipeline_tag="image-classification",
+        pipeline_tag=task,
     )
     if base:
         data.base_model_relation = "adapter"
@@ -52,6 +54,22 @@ def _exit_rows(meta: dict[str, Any]) -> list[list[str]]:
     names = meta.get("exit_names") or [str(i) for i in range(len(flops))]
     rows = enumerate(zip(names, flops, strict=False))
     return [[str(i), f"`{name}`", f"{f / 1e6:.3g}", f"{f / full:.3f}"] for i, (name, f) in rows]
+
+
+def _graphs(meta: dict[str, Any]) -> bool:
+    return meta["cost_table"].get("size_terms") is not None
+
+
+def _size_note(meta: dict[str, Any]) -> str:
+    """For graph backbones: the table is at the reference graph size; every graph is charged its own cost."""
+    table = meta["cost_table"]
+    if table.get("size_terms") is None:
+        return ""
+    nodes, edges = (table.get("input_shape") or [None, None])[:2]
+    return (
+        f" at the reference graph size ({nodes} nodes, {edges} edges); each graph is charged its own cost, "
+        "a + b·n + c·n² + d·m FLOPs for n nodes and m edges (`size_terms` in `eexit_config.json`)"
+    )
 
 
 def _markdown_table(header: list[str], rows: list[list[str]]) -> str:
@@ -144,7 +162,8 @@ def render_card(meta: dict[str, Any], exits: str) -> str:
         "```python\nimport eexit\n\n"
         f"model = ...  # the backbone this adapter was trained on{f' ({base})' if base else ''}\n"
         'ee = eexit.from_pretrained(model, "<this repo id or folder>")\n'
-        "out = ee(images)  # out.logits, out.exit_index, out.cost\n```"
+        + ("out = ee(graphs)  # a torch_geometric Batch; " if _graphs(meta) else "out = ee(images)  # ")
+        + "out.logits, out.exit_index, out.cost\n```"
     )
     sections = [
         _front_matter(meta),
@@ -169,7 +188,9 @@ def render_card(meta: dict[str, Any], exits: str) -> str:
         "## Exits\n\n"
         f"{len(meta['exit_blocks'])} IMs ({exits}), {meta['num_classes']} classes, "
         f"{exit_cfg.get('gates', 'paper')} gates, gate threshold "
-        f"{exit_cfg.get('threshold')}. Cost per sample, measured with `torch.utils.flop_counter`:\n\n"
+        f"{exit_cfg.get('threshold')}. Cost per sample, measured with `torch.utils.flop_counter`"
+        + _size_note(meta)
+        + ":\n\n"
         + _markdown_table(["exit", "after", "MFLOPs", "fraction of backbone"], _exit_rows(meta))
         + "\n",
         "## Training\n\n" + _training(meta),
