@@ -32,7 +32,7 @@ the early-exit path and the model's own forward cannot drift apart.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
@@ -224,7 +224,6 @@ class GraphState:
     node_graph: Tensor
     counts: Tensor
     log_deg: Tensor
-    extra: dict[str, Tensor] = field(default_factory=dict)
 
     @property
     def num_graphs(self) -> int:
