@@ -151,6 +151,7 @@ def spec_for(model: nn.Module, saved: SavedAdapter, spec: BackboneSpec | None, n
             f"{saved.source} was made with a GenericSpec; pass the same spec again: "
             "eexit.from_pretrained(model, path, spec=eexit.GenericSpec(...))."
         )
+    given = spec is not None
     if spec is None:
         try:
             spec = get_spec(name or saved.family)
@@ -159,6 +160,15 @@ def spec_for(model: nn.Module, saved: SavedAdapter, spec: BackboneSpec | None, n
                 f"{saved.source} was made for a backbone spec named {saved.family!r}, which is not registered here "
                 f"(registered: {list_specs()}). Import the code that registers it, or pass spec=."
             ) from None
+    # A cost convention the spec was built with (GRITSpec(costs="uniform")) is part of what the gates learned.
+    costs = saved.backbone.get("costs")
+    if costs is not None and getattr(spec, "costs", costs) != costs:
+        if given:
+            raise AdapterError(
+                f"{saved.source} was trained with costs={costs!r}, but the spec given has costs={spec.costs!r}; "
+                f"pass spec={type(spec).__name__}(costs={costs!r}) or no spec."
+            )
+        spec = type(spec)(costs=costs)  # type: ignore[call-arg]
     if spec.name != saved.family:
         raise AdapterError(
             f"{saved.source} was made for {made_for(saved)}, but the spec given is {spec.name!r}; "

@@ -206,7 +206,13 @@ def measure_graph_cost_table(ee: EarlyExitModel, reference: tuple[int, ...]) -> 
     checked on a sixth (the measurement is refused if any reading is off by more than one FLOP in 10⁶). The random
     walks' powers are a data transform (``add_rrwp``), not part of the forward, so they are not counted.
     """
-    if len(reference) != 2 or any(not isinstance(v, int) or v < 0 for v in reference) or reference[0] < 1:
+    bad = len(reference) != 2 or any(not isinstance(v, int) or v < 0 for v in reference) or reference[0] < 1
+    if not bad and reference[1] > reference[0] * (reference[0] - 1):
+        raise EexitValueError(
+            f"a graph of {reference[0]} nodes has at most {reference[0] * (reference[0] - 1)} edges without "
+            f"parallel ones; the reference size {tuple(reference)} (nodes, edges) cannot exist."
+        )
+    if bad:
         raise EexitValueError(
             f"a graph backbone's cost table is given at a reference graph size (nodes, edges), e.g. (71, 565); "
             f"got {tuple(reference)}."

@@ -26,9 +26,16 @@ def unpack_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
     """Images and labels from a ``(images, labels)`` pair or a dict (``pixel_values``/``labels`` and alikes); a
     torch_geometric batch of graphs is its own input, with its labels in ``y``."""
     if is_graph_batch(batch):
-        if getattr(batch, "y", None) is None:
+        y = getattr(batch, "y", None)
+        if y is None:
             raise EexitValueError("a batch of graphs needs its labels in `y` (one class index per graph).")
-        return batch, batch.y.view(-1)
+        graphs = int(getattr(batch, "num_graphs", 1))
+        if y.numel() != graphs:
+            raise EexitValueError(
+                f"a batch of {graphs} graphs has labels `y` of shape {tuple(y.shape)}: expected one class index per "
+                "graph (not one-hot, not one per node)."
+            )
+        return batch, y.view(-1)
     if isinstance(batch, dict):
         image_key = next((k for k in _IMAGE_KEYS if k in batch), None)
         label_key = next((k for k in _LABEL_KEYS if k in batch), None)
@@ -70,8 +77,10 @@ def is_graph_batch(batch: Any) -> bool:
 def check_images(images: Any, where: str) -> torch.Tensor:
     """Refuse non-tensors and NaN/Inf pixels (or node features), which would silently poison every exit's statistics."""
     if is_graph_batch(images):
-        if images.x.is_floating_point() and not all_finite(images.x):
-            raise EexitValueError(f"{where}: some node features are NaN or Inf; clean the graphs.")
+        for name in ("x", "edge_attr"):
+            value = getattr(images, name, None)
+            if isinstance(value, torch.Tensor) and value.is_floating_point() and not all_finite(value):
+                raise EexitValueError(f"{where}: some graphs' {name} values are NaN or Inf; clean the graphs.")
         return images
     if not isinstance(images, torch.Tensor):
         raise EexitTypeError(f"{where}: images must be a torch.Tensor, got {type(images).__name__}.")
@@ -97,6 +106,11 @@ class FeatureCache:
     features: list[torch.Tensor]  # E_im x [N, D]
     final_logits: torch.Tensor | None  # [N, C]
     labels: torch.Tensor  # [N]
+    #: Graph backbones: each sample's FLOPs at every exit [N, E] and of the bare backbone [N] (a graph's cost
+    #: depends on its size, which the features do not keep); ``None`` for images and for the disk cache, where
+    #: every sample is priced with the cost table.
+    sample_flops: torch.Tensor | None = None
+    backbone_flops: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -107,6 +121,8 @@ class FeatureCache:
         feats: list[list[torch.Tensor]] = []
         finals: list[torch.Tensor] = []
         labels: list[torch.Tensor] = []
+        sizes: list[tuple[torch.Tensor, torch.Tensor]] = []
+        per_sample = ee.cost_table is not None and ee.cost_table.per_sample
         device = next(ee.parameters()).device
         with torch.no_grad():
             for batch in tqdm(loader, desc=f"caching {name} features", disable=not progress, leave=False):
@@ -117,10 +133,14 @@ class FeatureCache:
                 feats.append(exit_feats)
                 if final is not None:
                     finals.append(final)
+                if per_sample:
+                    sizes.append(ee.sample_costs(images))
         if not labels:
             raise EexitValueError(f"{name} yielded no batch; give it at least one.")
         features = [torch.cat([f[k] for f in feats]) for k in range(len(feats[0]))]
-        return cls(features, torch.cat(finals) if finals else None, torch.cat(labels))
+        flops = torch.cat([s[0] for s in sizes]).cpu() if sizes else None
+        bare = torch.cat([s[1] for s in sizes]).cpu() if sizes else None
+        return cls(features, torch.cat(finals) if finals else None, torch.cat(labels), flops, bare)
 
     def batch_indices(
         self, batch_size: int, shuffle: bool, generator: torch.Generator | None = None

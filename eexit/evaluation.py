@@ -21,7 +21,7 @@ from .errors import EexitTypeError, EexitValueError
 from .inference import ExitPolicy, decide_exits
 from .model import EarlyExitModel
 
-__all__ = ["CollectedOutputs", "EvaluationReport", "collect_outputs", "evaluate", "evaluate_outputs"]
+__all__ = ["CollectedOutputs", "EvaluationReport", "collect_outputs", "evaluate", "evaluate_outputs", "mean_costs"]
 
 
 @dataclass
@@ -33,9 +33,21 @@ class CollectedOutputs:
     labels: torch.Tensor  # [N]
     #: Graph backbones: each sample's FLOPs at every exit ``[N, E]`` and of the bare backbone ``[N]`` (float64),
     #: since a graph's cost grows with its size; ``None`` where every sample costs the cost table's (images, and
-    #: outputs computed from a feature cache, which keeps no graph sizes).
+    #: graphs read from the disk feature cache, which keeps no graph sizes).
     sample_flops: torch.Tensor | None = None
     backbone_flops: torch.Tensor | None = None
+
+
+def mean_costs(ee: EarlyExitModel, out: CollectedOutputs, taken: torch.Tensor) -> tuple[float, float]:
+    """(mean FLOPs per sample at the exits ``taken``, mean FLOPs of the bare backbone on the same samples).
+
+    Graphs collected with their sizes pay each their own cost (the fraction is of the same graphs' full cost);
+    otherwise every sample costs the cost table's.
+    """
+    if out.sample_flops is not None and out.backbone_flops is not None:
+        rows = torch.arange(taken.shape[0], device=out.sample_flops.device)
+        return float(out.sample_flops[rows, taken.to(rows.device)].mean()), float(out.backbone_flops.mean())
+    return metrics.expected_cost(taken, ee.cost_table.exit_flops), ee.cost_table.backbone_flops
 
 
 @torch.no_grad()
@@ -70,6 +82,9 @@ def collect_outputs(
                 logits.append(out.logits.float().cpu())  # [E, b, C]
                 gates.append(out.gate_logits.float().cpu())  # [E-1, b]
             labels.append(source.labels.cpu())
+            if source.sample_flops is not None and source.backbone_flops is not None:
+                flops.append(source.sample_flops.cpu())
+                bare.append(source.backbone_flops.cpu())
         else:
             if not isinstance(source, Iterable):
                 raise EexitTypeError(
@@ -205,14 +220,7 @@ def evaluate_outputs(
         raise EexitValueError(f"alpha must be in (0, 1), got {alpha}; e.g. alpha=0.1 for 90 % coverage.")
     n = out.labels.shape[0]
     chosen = out.logits[taken, torch.arange(n)]  # [N, C]
-    table = ee.cost_table
-    if out.sample_flops is not None and out.backbone_flops is not None:
-        # Graphs: each sample pays its own cost; the fraction is of the same graphs' full-backbone cost.
-        mean_flops = float(out.sample_flops[torch.arange(n), taken.to(out.sample_flops.device)].mean())
-        backbone_flops = float(out.backbone_flops.mean())
-    else:
-        mean_flops = metrics.expected_cost(taken, table.exit_flops)
-        backbone_flops = table.backbone_flops
+    mean_flops, backbone_flops = mean_costs(ee, out, taken)
     per_exit = metrics.per_exit_accuracy(out.logits, out.labels, taken)
     conformal = None
     if calibration is not None:

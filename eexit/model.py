@@ -366,11 +366,14 @@ class EarlyExitModel(nn.Module):
                 f"edge_index and edge_attr, got {type(batch).__name__}. Batch graphs with "
                 "torch_geometric.loader.DataLoader (eexit.superpixels builds them from images)."
             )
-        if self.check_inputs and batch.x.is_floating_point() and not all_finite(batch.x):
-            raise EexitValueError(
-                "some node features are NaN or Inf: every exit would answer with garbage. Clean the graphs; set "
-                "ee.check_inputs = False to skip this check."
-            )
+        if self.check_inputs:
+            for name in ("x", "edge_attr"):
+                value = getattr(batch, name, None)
+                if isinstance(value, torch.Tensor) and value.is_floating_point() and not all_finite(value):
+                    raise EexitValueError(
+                        f"some {'node' if name == 'x' else 'edge'} features ({name}) are NaN or Inf: every exit "
+                        "would answer with garbage. Clean the graphs; set ee.check_inputs = False to skip this check."
+                    )
         return batch
 
     def _check_input(self, pixel_values: Any) -> torch.Tensor:

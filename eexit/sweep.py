@@ -21,7 +21,7 @@ import torch
 from . import metrics
 from .data import FeatureCache, check_loader
 from .errors import EexitTypeError, EexitValueError
-from .evaluation import CollectedOutputs, EvaluationReport, collect_outputs, evaluate_outputs
+from .evaluation import CollectedOutputs, EvaluationReport, collect_outputs, evaluate_outputs, mean_costs
 from .inference import ExitState, GatePolicy, decide_exits
 from .model import EarlyExitModel
 from .train import fit
@@ -233,7 +233,8 @@ def budget_threshold(ee: EarlyExitModel, val_loader: Any, target_cost_fraction: 
 
     def cost(t: float) -> float:
         taken = decide_exits(out.logits, out.gate_logits, ee.default_policy(t))  # [N]
-        return metrics.expected_cost(taken, ee.cost_table.exit_flops) / ee.cost_table.backbone_flops
+        spent, full = mean_costs(ee, out, taken)  # graphs: each graph's own cost
+        return spent / full
 
     lo, hi = 0, len(candidates) - 1
     if cost(candidates[hi]) <= target:

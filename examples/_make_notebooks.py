@@ -259,7 +259,8 @@ torch.manual_seed(0)""",
         "code",
         """\
 if not USE_PRETRAINED:
-    splits = load_digits_superpixels()  # built once, then read from the cache (safetensors + JSON)
+    # At most 25 superpixels per digit (the 8x8 digits hold 64 pixels): built once, then read from the cache.
+    splits = load_digits_superpixels(n_segments=25)
     backbone = grit_tiny(num_classes=10, rrwp_steps=4)
 else:
     splits = load_gnn_benchmark("data/GNNBenchmark", "MNIST")  # MNIST_v2 files put there by hand
@@ -272,7 +273,7 @@ val_loader, test_loader = DataLoader(val, batch_size=128), DataLoader(test, batc
 
 if not USE_PRETRAINED:  # train the tiny GRIT (AdamW, one-cycle schedule)
     opt = torch.optim.AdamW(backbone.parameters(), lr=3e-3, weight_decay=1e-5)
-    epochs = 12
+    epochs = 10
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, 3e-3, total_steps=epochs * len(train_loader))
     backbone.train()
     for _ in range(epochs):

@@ -10,11 +10,11 @@ import pytest
 import torch
 
 pytest.importorskip("torch_geometric", reason="GRIT needs the eexit[graph] extra (torch_geometric)")
-from torch_geometric.data import Batch, Data  # noqa: E402
+from torch_geometric.data import Batch, Data
 
-from eexit.errors import EexitTypeError, EexitValueError  # noqa: E402
-from eexit.models._checkpoint import CheckpointError  # noqa: E402
-from eexit.models.grit import (  # noqa: E402
+from eexit.errors import EexitTypeError, EexitValueError
+from eexit.models._checkpoint import CheckpointError
+from eexit.models.grit import (
     GRIT,
     GRITConfig,
     add_rrwp,
@@ -265,3 +265,62 @@ def test_checkpoints_that_do_not_fit_or_are_unsafe_are_refused(tmp_path):
     load_graphgym_checkpoint(grit_tiny(), namespaced)  # argparse.Namespace is the one allowed extra type
     with pytest.raises(EexitTypeError):
         load_graphgym_checkpoint(torch.nn.Linear(2, 2), namespaced)  # type: ignore[arg-type]
+
+
+def test_pair_states_and_attention_match_a_hand_computation():
+    torch.manual_seed(0)
+    model = grit_tiny(rrwp_steps=3).eval()
+    # a directed path 0 -> 1 -> 2: pair (0, 1) carries the edge, (1, 0) nothing (no walk goes back)
+    data = add_rrwp(Data(x=torch.rand(3, 3), edge_index=torch.tensor([[0, 1], [1, 2]]), edge_attr=torch.rand(2, 1)), 3)
+    state = model.start(data)
+    pair = {(int(a), int(b)): k for k, (a, b) in enumerate(zip(state.src, state.dst))}
+    fc, edge = model.rrwp_rel_encoder.fc, model.encoder.edge_encoder
+    with torch.no_grad():
+        walk = torch.tensor([0.0, 1.0, 0.0])  # RRWP of (0, 1): [I, P, P²][0, 1] = [0, 1, 0]
+        assert torch.allclose(state.e[pair[(0, 1)]], edge(data.edge_attr[0]) + fc(walk), atol=1e-6)
+        assert torch.count_nonzero(state.e[pair[(1, 0)]]) == 0
+        assert torch.allclose(state.e[pair[(0, 2)]], fc(torch.tensor([0.0, 0.0, 1.0])), atol=1e-6)
+        assert torch.allclose(state.log_deg, torch.log(torch.tensor([2.0, 2.0, 1.0])))
+        # one attention layer against an explicit loop over destinations and heads
+        att = model.layers[0].attention
+        x, e = torch.randn(3, 16), torch.randn(9, 16)
+        out, s_all = att(x, e, state.src, state.dst)
+        heads, dh = att.heads, att.head_dim
+        q, k, v = att.Q(x).view(3, heads, dh), att.K(x).view(3, heads, dh), att.V(x).view(3, heads, dh)
+        for i in range(3):
+            for h in range(heads):
+                scores, states = [], []
+                for j in range(3):
+                    eo = att.E(e[pair[(j, i)]])[2 * dh * h : 2 * dh * (h + 1)]  # head h: its weight, then its bias
+                    t = (k[j, h] + q[i, h]) * eo[:dh]
+                    t = torch.relu(torch.sign(t) * t.abs().sqrt() + eo[dh:])
+                    assert torch.allclose(s_all[pair[(j, i)], h * dh : (h + 1) * dh], t, atol=1e-5)
+                    states.append(t)
+                    scores.append((t * att.Aw[:, h, 0]).sum().clamp(-att.clamp, att.clamp))
+                alpha = torch.softmax(torch.stack(scores), 0)
+                expected = sum(a * v[j, h] for j, a in enumerate(alpha))
+                expected = expected + sum(a * states[j] for j, a in enumerate(alpha)) @ att.VeRow[:, h, :]
+                assert torch.allclose(out[i, h * dh : (h + 1) * dh], expected, atol=1e-5)
+
+
+def test_graph_head_normalises_its_hidden_layers():
+    model = grit_tiny().eval()
+    pooled = torch.randn(4, 16)
+    mlp = model.post_mp.layer_post_mp.model
+    hidden = pooled
+    for i in range(2):
+        layer = getattr(mlp[0], f"Layer_{i}").layer.model
+        hidden = torch.nn.functional.normalize(torch.relu(layer(hidden)), dim=1)  # GraphGym's default l2norm
+    with torch.no_grad():
+        assert torch.allclose(model.post_mp(pooled), mlp[1].model(hidden), atol=1e-6)
+
+
+def test_mixed_precision_forward_runs_and_stays_close():
+    model = trained_like(grit_tiny())
+    batch = Batch.from_data_list([random_graph(n, seed=n) for n in (5, 9, 2)])
+    with torch.no_grad():
+        full = model(batch)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            half = model(batch)
+    assert bool(torch.isfinite(half).all())
+    assert torch.allclose(half.float(), full, atol=0.15)

@@ -7,17 +7,18 @@ import pytest
 import torch
 
 pytest.importorskip("torch_geometric", reason="GRIT needs the eexit[graph] extra (torch_geometric)")
-from torch_geometric.data import Batch, Data  # noqa: E402
-from torch_geometric.loader import DataLoader as GraphLoader  # noqa: E402
+from torch_geometric.data import Batch, Data
+from torch_geometric.loader import DataLoader as GraphLoader
 
-import eexit  # noqa: E402
-from eexit.baselines import train_boosted, train_l2w  # noqa: E402
-from eexit.backbones.grit import GRITSpec  # noqa: E402
-from eexit.cost import flop_counter  # noqa: E402
-from eexit.data import FeatureCache  # noqa: E402
-from eexit.errors import EexitTypeError, EexitValueError, SegmentsUnavailable  # noqa: E402
-from eexit.inference import FixedExitPolicy, decide_exits  # noqa: E402
-from eexit.models.grit import GraphHeadMLP, add_rrwp, grit_tiny  # noqa: E402
+import eexit
+from eexit.backbones.grit import GRITSpec
+from eexit.baselines import train_boosted, train_l2w
+from eexit.cost import flop_counter
+from eexit.data import FeatureCache
+from eexit.errors import EexitTypeError, EexitValueError, SegmentsUnavailable
+from eexit.inference import FixedExitPolicy, decide_exits
+from eexit.models.grit import GraphHeadMLP, add_rrwp, grit_tiny
+from eexit.sweep import budget_threshold
 
 
 def graph(n: int, seed: int, label: int | None = None) -> Data:
@@ -202,3 +203,49 @@ def test_fit_evaluate_save_load_and_baselines_on_graphs(tmp_path):
     other = grit_tiny(num_classes=4)
     with pytest.raises(eexit.AdapterError):
         eexit.from_pretrained(other, tmp_path / "adapter")  # other weights: the fingerprint refuses
+
+
+def test_saved_cost_convention_comes_back(tmp_path):
+    model = grit_tiny(num_classes=4, layers=4).eval()
+    ee = eexit.attach(model, spec=GRITSpec(costs="uniform"))
+    ee.save_pretrained(tmp_path / "a")
+    fractions = ee.cost_table.fraction_of_backbone()
+    ee.detach()
+    again = eexit.from_pretrained(model, tmp_path / "a")
+    assert again.spec.costs == "uniform" and again.cost_table.fraction_of_backbone() == fractions
+    again.detach()
+    with pytest.raises(eexit.AdapterError, match="uniform"):
+        eexit.from_pretrained(model, tmp_path / "a", spec=GRITSpec(costs="flops"))
+
+
+def test_bad_graph_data_is_refused(ee):
+    bad = batch_of((4, 5))
+    bad.edge_attr[0, 0] = float("inf")
+    with pytest.raises(EexitValueError, match="edge_attr"):
+        ee(bad)
+    onehot = batch_of((4, 5))
+    onehot.y = torch.nn.functional.one_hot(onehot.y, 4)
+    with pytest.raises(EexitValueError, match="one class index per graph"):
+        eexit.evaluate(ee, [onehot])
+    with pytest.raises(EexitValueError, match="at most 6 edges"):
+        eexit.attach(grit_tiny(), input_size=(3, 100))
+
+
+def test_budgets_and_caches_charge_each_graph_its_own_cost(ee):
+    data = [graph(2 + i % 20, i) for i in range(120)]  # sizes 2..21: costs differ by two orders of magnitude
+    loader = GraphLoader(data, batch_size=32)
+    cache = FeatureCache.collect(ee, loader, "val", progress=False)
+    assert cache.sample_flops is not None and cache.sample_flops.shape == (120, ee.num_exits)
+    from_loader, from_cache = eexit.evaluate(ee, loader), eexit.evaluate(ee, cache)
+    assert from_cache.cost_fraction == pytest.approx(from_loader.cost_fraction, rel=1e-9)
+    assert from_cache.mean_gflops == pytest.approx(from_loader.mean_gflops, rel=1e-9)
+    met = 0
+    for target in (0.5, 0.7, 0.9):
+        try:
+            tau = budget_threshold(ee, cache, target)
+        except EexitValueError:
+            continue
+        spent = eexit.evaluate(ee, cache, policy=ee.default_policy(tau)).cost_fraction
+        assert spent <= target + 1e-9
+        met += 1
+    assert met >= 1

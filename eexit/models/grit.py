@@ -105,7 +105,8 @@ class GRITConfig:
                 f"GRITConfig.hidden={self.hidden} is not divisible by heads={self.heads}; pick a width that is."
             )
         if not 0.0 < self.clamp <= 30.0:
-            # The softmax relies on the clamp to skip its max-subtraction (exp(30) is far from float32's limit).
+            # The softmax relies on the clamp to skip its max-subtraction; it computes exp() in float32, where
+            # exp(30) is far from the limit.
             raise EexitValueError(f"GRITConfig.clamp must be in (0, 30], got {self.clamp!r}.")
         for name in ("dropout", "attn_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
@@ -158,9 +159,9 @@ def add_rrwp(data: Any, steps: int) -> Any:
         raise EexitValueError(f"add_rrwp: steps must be an int >= 2, got {steps!r}.")
     _check_graph(data, "add_rrwp")
     n = int(data.x.shape[0])
-    adjacency = torch.zeros(n, n, dtype=torch.float32)
-    ei = data.edge_index.cpu()
-    adjacency.index_put_((ei[0], ei[1]), torch.ones(ei.shape[1]), accumulate=True)
+    ei = data.edge_index
+    adjacency = torch.zeros(n, n, dtype=torch.float32, device=ei.device)
+    adjacency.index_put_((ei[0], ei[1]), torch.ones(ei.shape[1], device=ei.device), accumulate=True)
     pe = rrwp_dense(adjacency, steps)  # [n, n, K]
     nonzero = pe.abs().sum(-1) != 0  # [n, n]; row-major nonzero() keeps (source, destination) order
     index = nonzero.nonzero().t().contiguous()
@@ -297,9 +298,12 @@ class _Attention(nn.Module):
         logit = torch.einsum("phd,dhc->phc", s, self.Aw)  # [P, H, 1]
         logit = logit.clamp(-self.clamp, self.clamp)
         attn = self.attn_dropout(_segment_softmax(logit, dst, n))
-        out = torch.zeros_like(v).index_add_(0, dst, v[src] * attn)
+        # Sums in the messages' own dtype (under autocast the matmuls' outputs are half precision, the rest not).
+        msg = v[src] * attn
+        out = msg.new_zeros(v.shape).index_add_(0, dst, msg)
         if self.edge_enhance:
-            row = torch.zeros_like(v).index_add_(0, dst, s * attn)
+            msg = s * attn
+            row = msg.new_zeros(v.shape).index_add_(0, dst, msg)
             out = out + torch.einsum("nhd,dhc->nhc", row, self.VeRow)
         return out.reshape(n, hd * dh), s.reshape(-1, hd * dh)
 
@@ -311,9 +315,9 @@ def _segment_softmax(logit: Tensor, index: Tensor, groups: int) -> Tensor:
     group's maximum (a scatter-max, a gather and a subtraction over all n² pairs) is left out: the softmax is the
     same up to rounding.
     """
-    exp = logit.exp()
-    total = torch.zeros((groups, *logit.shape[1:]), dtype=logit.dtype, device=logit.device).index_add_(0, index, exp)
-    return exp / (total[index] + 1e-16)
+    exp = logit.float().exp()  # float32 even under half precision, where exp(clamp) could overflow
+    total = exp.new_zeros((groups, *logit.shape[1:])).index_add_(0, index, exp)
+    return (exp / (total[index] + 1e-16)).to(logit.dtype)
 
 
 class GRITLayer(nn.Module):
@@ -441,16 +445,16 @@ class GRIT(nn.Module):
         h = self.encoder.node_encoder(x.to(dtype)) + self.rrwp_abs_encoder(rrwp.to(dtype))
         src, dst, pair_ptr = complete_pairs(counts)
         node_ptr = F.pad(counts.cumsum(0), (1, 0))
-        e = self.rrwp_rel_encoder.padding.expand(src.shape[0], -1).clone()
-        if edge_attr is not None and edge_index.shape[1]:
-            pos = _pair_position(edge_index[0], edge_index[1], node_graph, node_ptr, pair_ptr)
-            e.index_add_(0, pos, self.encoder.edge_encoder(edge_attr.to(dtype)))
         # The RRWP of every pair (zero where no walk reaches) through the bias-free projection: the same sum as
         # projecting the stored non-zero pairs only, at a cost that depends on n alone (n² pairs), not on the graph.
         rel = rel_val.new_zeros(src.shape[0], cfg.rrwp_steps)
         if rel_index.shape[1]:
             rel[_pair_position(rel_index[0], rel_index[1], node_graph, node_ptr, pair_ptr)] = rel_val
-        e = e + self.rrwp_rel_encoder.fc(rel.to(dtype))
+        e = self.rrwp_rel_encoder.fc(rel.to(dtype))
+        e = e + self.rrwp_rel_encoder.padding.to(e.dtype)  # the original's zero start of every pair
+        if edge_attr is not None and edge_index.shape[1]:
+            pos = _pair_position(edge_index[0], edge_index[1], node_graph, node_ptr, pair_ptr)
+            e = e.index_add(0, pos, self.encoder.edge_encoder(edge_attr.to(dtype)).to(e.dtype))
         return GraphState(h, e, src, dst, node_graph, counts, log_deg.to(dtype))
 
     def run_layer(self, index: int, state: GraphState) -> GraphState:
@@ -551,7 +555,7 @@ def _rrwp_of(
         index, val = getattr(batch, "rrwp_index", None), getattr(batch, "rrwp_val", None)
         if index is None or val is None:
             raise EexitValueError("the batch has rrwp but not rrwp_index / rrwp_val; recompute with add_rrwp.")
-        if stored.shape != (n, steps) or val.shape[-1] != steps:
+        if stored.shape != (n, steps) or val.shape[-1] != steps or val.shape[0] != index.shape[-1]:
             raise EexitValueError(
                 f"the graphs carry RRWP of shape {tuple(stored.shape)} but the model needs [{n}, {steps}] (one row "
                 f"per node, {steps} steps): the encodings were built for other graphs or another rrwp_steps. "
