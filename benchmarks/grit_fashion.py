@@ -10,9 +10,9 @@ Protocol (fixed before any result was looked at; the learned-gates protocol of `
   (k = 8) edges; train on the first ``--train-size`` graphs of the training split; validation (10,000 graphs the
   backbone never saw) cut in two fixed halves A (``fit``'s validation) and B (choosing λ and τ); test = the
   official 10,000 test images, used only to report.
-* backbone: GRIT (hidden 16, 2 heads, 4 layers, 8 RRWP steps, 3-layer graph head), AdamW lr 1e-3, weight decay
-  1e-5, cosine schedule, batch 64, ``--epochs`` epochs, seed 0. One backbone seed (the CPU budget); intervals are
-  over exit seeds.
+* backbone: GRIT (hidden 16, 2 heads, 4 layers, 8 RRWP steps, 3-layer graph head), AdamW (peak lr ``--lr``,
+  default the authors' 1e-3), weight decay 1e-5, one-cycle cosine schedule, batch 64, ``--epochs`` epochs, seed 0.
+  One backbone seed (the CPU budget); intervals are over exit seeds.
 * exits: after layers 0-2 (Linear IMs), the model's head is the last exit; every method of ``accuracy_cost.py``
   on the same frozen backbone and cached features (JEI-DNN with eexit's default gates and with the paper's
   gates, max-probability thresholds MSDNet-style and tuned per exit, the same thresholds on the default's IMs,
@@ -73,11 +73,11 @@ def with_rrwp(graphs: list, steps: int) -> list:
     return [add_rrwp(g, steps) for g in graphs]
 
 
-def train_backbone(train: list, val: list, epochs: int, seed: int, cache: Path) -> tuple[GRIT, dict]:
+def train_backbone(train: list, val: list, epochs: int, seed: int, cache: Path, lr: float = 1e-3) -> tuple[GRIT, dict]:
     from safetensors.torch import load_file, save_file
     from torch_geometric.loader import DataLoader as GraphLoader
 
-    path = cache / f"grit_fashion_seed{seed}_e{epochs}_n{len(train)}.safetensors"
+    path = cache / f"grit_fashion_seed{seed}_e{epochs}_n{len(train)}_lr{lr:g}.safetensors"
     torch.manual_seed(seed)
     model = GRIT(GRITConfig(**CONFIG))
     if path.is_file():
@@ -85,9 +85,9 @@ def train_backbone(train: list, val: list, epochs: int, seed: int, cache: Path) 
         info = json.loads(path.with_suffix(".json").read_text())
         return model.eval(), info
     loader = GraphLoader(train, batch_size=64, shuffle=True, generator=torch.Generator().manual_seed(seed))
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-5)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-5)
     steps = epochs * len(loader)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, 1e-3, total_steps=steps, pct_start=0.1, anneal_strategy="cos")
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=steps, pct_start=0.1, anneal_strategy="cos")
     start = time.time()
     for epoch in range(epochs):
         model.train()
@@ -100,7 +100,7 @@ def train_backbone(train: list, val: list, epochs: int, seed: int, cache: Path) 
         acc = accuracy(model, val)
         spent = time.time() - start
         print(f"epoch {epoch + 1}/{epochs}: loss {loss.item():.3f}, val acc {100 * acc:.2f} % ({spent:.0f} s)")
-    info = {"seconds": time.time() - start, "epochs": epochs, "train_graphs": len(train), "val_accuracy": acc}
+    info = {"seconds": time.time() - start, "epochs": epochs, "lr": lr, "train_graphs": len(train), "val_accuracy": acc}
     cache.mkdir(parents=True, exist_ok=True)
     save_file(model.state_dict(), str(path))
     path.with_suffix(".json").write_text(json.dumps(info))
@@ -188,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--segments", type=int, default=40, help="at most this many superpixels per image")
     parser.add_argument("--train-size", type=int, default=20_000)
     parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--lr", type=float, default=1e-3, help="the backbone's peak learning rate (authors: 1e-3)")
+    parser.add_argument("--tag", default="", help="suffix of the output files (several backbones side by side)")
     parser.add_argument("--exit-seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--repeats", type=int, default=15, help="timing repeats per speed point")
     parser.add_argument("--threads", type=int, default=2)
@@ -216,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     print("data:", json.dumps(report["data"]), flush=True)
 
     epochs = 1 if args.quick else args.epochs
-    backbone, info = train_backbone(train, val, epochs, 0, args.cache)
+    backbone, info = train_backbone(train, val, epochs, 0, args.cache, args.lr)
     info["test_accuracy"] = accuracy(backbone, test)
     report["backbone"] = {**info, "config": CONFIG}
     print("backbone:", json.dumps(report["backbone"]), flush=True)
@@ -240,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
         batch_size=256,
     )
     runs = []
-    stem = "grit_fashion" + ("_quick" if args.quick else "")
+    stem = "grit_fashion" + ("_quick" if args.quick else "") + (f"_{args.tag}" if args.tag else "")
     for seed in setup.exit_seeds:
         runs.append(ac.run_one(setup, 0, seed, (train, a, b, test), {0: backbone}, False))
         (args.out / f"{stem}.md").write_text(ac.markdown(runs, setup, time.time() - start))
