@@ -7,8 +7,9 @@
   logits are returned.
 
 One model class serves every backbone. How the backbone is run is its *driver*'s job: :class:`~eexit.hooked.
-HookedDriver` (forward hooks on the blocks of a timm or transformers model) or :class:`~eexit.staged.StagedDriver`
-(the stages of a model that has exits of its own). What happens at each exit is the job of the sinks in
+HookedDriver` (forward hooks on the blocks of a timm or transformers model), :class:`~eexit.staged.StagedDriver`
+(the stages of a model that has exits of its own) or :class:`~eexit.graphs.GraphDriver` (a graph transformer's
+layers on a batch of graphs, each graph its own sample). What happens at each exit is the job of the sinks in
 :mod:`eexit.recorder`, which both drivers feed; so early exit is written once.
 """
 
@@ -470,7 +471,8 @@ class EarlyExitModel(nn.Module):
         """Run the model.
 
         Args:
-            pixel_values: images ``[B, C, H, W]``, prepared as the backbone expects.
+            pixel_values: images ``[B, C, H, W]``, prepared as the backbone expects; for a graph backbone (GRIT), a
+                torch_geometric ``Batch`` of B graphs.
             all_exits: return every exit's output (:class:`AllExitsOutput`) instead of exiting early.
             policy: how samples exit (default: the gates with ``config.threshold``).
         """
