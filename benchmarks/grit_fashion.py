@@ -220,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     epochs = 1 if args.quick else args.epochs
     backbone, info = train_backbone(train, val, epochs, 0, args.cache, args.lr)
     info["test_accuracy"] = accuracy(backbone, test)
-    report["backbone"] = {**info, "config": CONFIG}
+    report["backbone"] = {**info, "lr": args.lr, "config": CONFIG}
     print("backbone:", json.dumps(report["backbone"]), flush=True)
     report["fractions"] = fraction_spread(backbone, test)
 
@@ -234,6 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         backbone_seeds=(0,),
         exit_seeds=tuple(args.exit_seeds[:1] if args.quick else args.exit_seeds),
         ablation_seeds=(),
+        backbone_epochs=epochs,
         lams=(0.0, 0.1) if args.quick else (0.0, 0.01, 0.03, 0.1, 0.3, 1.0),
         warmup_epochs=2 if args.quick else 8,
         jei_epochs=2 if args.quick else 4,

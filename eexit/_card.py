@@ -24,7 +24,7 @@ def _front_matter(meta: dict[str, Any]) -> str:
     family = backbone.get("family", "")
     framework = "transformers" if family.startswith("hf") else "timm" if family.startswith("timm") else None
     # Graph backbones (GRIT) classify graphs, not images: the Hub's task for them is graph machine learning.
-    task = "graph-ml" if meta["cost_table"].get("size_terms") is not None else "image-classification"
+    task = "graph-ml" if _graphs(meta) else "image-classification"
     tags = ["eexit", "early-exit", "jei-dnn", task, *([framework] if framework else [])]
     # Only a Hub id ("org/name") links the model tree; a bare architecture name (timm's, for a model built
     # without pretrained weights) would be flagged as invalid metadata by the Hub.
@@ -62,9 +62,9 @@ def _graphs(meta: dict[str, Any]) -> bool:
 
 def _size_note(meta: dict[str, Any]) -> str:
     """For graph backbones: the table is at the reference graph size; every graph is charged its own cost."""
-    table = meta["cost_table"]
-    if table.get("size_terms") is None:
+    if not _graphs(meta):
         return ""
+    table = meta["cost_table"]
     nodes, edges = (table.get("input_shape") or [None, None])[:2]
     return (
         f" at the reference graph size ({nodes} nodes, {edges} edges); each graph is charged its own cost, "

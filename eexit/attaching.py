@@ -114,7 +114,7 @@ def attach(
         raise EexitValueError(f"{type(model).__name__} has a single block: there is no place for an early exit.")
 
     staged = isinstance(spec, StagedSpec)
-    graphs = getattr(spec, "input_kind", "images") == "graphs"
+    graphs = spec.input_kind == "graphs"
     if input_size is None and (staged or graphs):
         # Any size runs; measure costs at the model's usual one (graphs: a reference (nodes, edges) size).
         input_size = spec.default_input_size(model)  # type: ignore[attr-defined]

@@ -95,6 +95,16 @@ class CostTable:
             raise EexitValueError(f"exit_flops must be non-empty and non-decreasing, got {self.exit_flops}.")
         if self.exit_flops[-1] <= 0:
             raise EexitValueError("the last exit costs 0 FLOPs: the counter saw no computation.")
+        if (self.size_terms is None) != (self.backbone_terms is None):
+            raise EexitValueError("size_terms and backbone_terms come together (graph backbones) or not at all.")
+        if self.size_terms is not None and (
+            len(self.size_terms) != len(self.exit_flops)
+            or any(len(t) != 4 for t in [*self.size_terms, self.backbone_terms])
+        ):
+            raise EexitValueError(
+                f"size_terms must hold 4 terms (a, b, c, d) per exit ({len(self.exit_flops)} exits) and backbone_terms "
+                f"4, got {self.size_terms} and {self.backbone_terms}."
+            )
 
     @property
     def num_exits(self) -> int:
@@ -128,12 +138,7 @@ class CostTable:
         """
         if self.size_terms is None or self.backbone_terms is None:
             raise EexitValueError("this cost table has no per-graph terms (it was measured for an image backbone).")
-        n = nodes.to(torch.float64)
-        sizes = torch.stack((torch.ones_like(n), n, n * n, edges.to(torch.float64)), dim=1)  # [G, 4]
-        terms = torch.tensor(self.size_terms, dtype=torch.float64, device=n.device)  # [E, 4]
-        backbone = torch.tensor(self.backbone_terms, dtype=torch.float64, device=n.device)
-        # Element-wise products, not a matmul: a FlopCounterMode around the forward must not count the bookkeeping.
-        return (sizes.unsqueeze(1) * terms).sum(-1), (sizes * backbone).sum(-1)
+        return _apply_terms(self.size_terms, nodes, edges), _apply_terms([self.backbone_terms], nodes, edges)[:, 0]
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -145,7 +150,7 @@ class CostTable:
         }
         if self.size_terms is not None:
             out["size_terms"] = [list(t) for t in self.size_terms]
-            out["backbone_terms"] = list(self.backbone_terms or [])
+            out["backbone_terms"] = list(self.backbone_terms)  # type: ignore[arg-type]
             out["size_terms_unit"] = "FLOPs of one graph = a + b*nodes + c*nodes^2 + d*edges, terms (a, b, c, d)"
         return out
 
@@ -157,8 +162,19 @@ class CostTable:
             backbone_flops=float(data["backbone_flops"]),
             input_shape=[int(x) for x in data.get("input_shape", [])],
             size_terms=[[float(v) for v in t] for t in terms] if terms is not None else None,
-            backbone_terms=[float(v) for v in data["backbone_terms"]] if terms is not None else None,
+            backbone_terms=[float(v) for v in data["backbone_terms"]]
+            if data.get("backbone_terms") is not None
+            else None,
         )
+
+
+def _apply_terms(terms: list[list[float]], nodes: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
+    """``a + b·n + c·n² + d·m`` for every graph and every row of terms: ``[G, len(terms)]`` float64."""
+    n = nodes.to(torch.float64)
+    sizes = torch.stack((torch.ones_like(n), n, n * n, edges.to(torch.float64)), dim=1)  # [G, 4]
+    coefficients = torch.tensor(terms, dtype=torch.float64, device=n.device)  # [T, 4]
+    # Element-wise products, not a matmul: a FlopCounterMode around the forward must not count the bookkeeping.
+    return (sizes.unsqueeze(1) * coefficients).sum(-1)
 
 
 def _readings(ee: EarlyExitModel, example: Any) -> tuple[list[float], float]:
@@ -180,7 +196,7 @@ def measure_cost_table(ee: EarlyExitModel, input_shape: tuple[int, ...]) -> Cost
     Graph backbones (``spec.input_kind == "graphs"``) take ``input_shape = (nodes, edges)``, the reference graph
     size: see :func:`measure_graph_cost_table`.
     """
-    if getattr(ee.spec, "input_kind", "images") == "graphs":
+    if ee.spec.input_kind == "graphs":
         return measure_graph_cost_table(ee, input_shape)
     param = next(ee.parameters())
     example = torch.zeros(1, *input_shape, dtype=param.dtype, device=param.device)
@@ -206,16 +222,15 @@ def measure_graph_cost_table(ee: EarlyExitModel, reference: tuple[int, ...]) -> 
     checked on a sixth (the measurement is refused if any reading is off by more than one FLOP in 10⁶). The random
     walks' powers are a data transform (``add_rrwp``), not part of the forward, so they are not counted.
     """
-    bad = len(reference) != 2 or any(not isinstance(v, int) or v < 0 for v in reference) or reference[0] < 1
-    if not bad and reference[1] > reference[0] * (reference[0] - 1):
-        raise EexitValueError(
-            f"a graph of {reference[0]} nodes has at most {reference[0] * (reference[0] - 1)} edges without "
-            f"parallel ones; the reference size {tuple(reference)} (nodes, edges) cannot exist."
-        )
-    if bad:
+    if len(reference) != 2 or any(not isinstance(v, int) or v < 0 for v in reference) or reference[0] < 1:
         raise EexitValueError(
             f"a graph backbone's cost table is given at a reference graph size (nodes, edges), e.g. (71, 565); "
             f"got {tuple(reference)}."
+        )
+    if reference[1] > reference[0] * (reference[0] - 1):
+        raise EexitValueError(
+            f"a graph of {reference[0]} nodes has at most {reference[0] * (reference[0] - 1)} edges without "
+            f"parallel ones; the reference size {tuple(reference)} (nodes, edges) cannot exist."
         )
     was_training = ee.training
     ee.eval()
@@ -245,10 +260,11 @@ def measure_graph_cost_table(ee: EarlyExitModel, reference: tuple[int, ...]) -> 
         terms[:, :-1] = terms[:, ee.num_exits - 1 : ee.num_exits] * torch.tensor(fractions, dtype=torch.float64)
     size_terms = terms[:, :-1].t().tolist()
     backbone_terms = terms[:, -1].tolist()
-    table = CostTable([1.0], 1.0, [int(v) for v in reference], size_terms, backbone_terms)
     n_ref, m_ref = torch.tensor([reference[0]]), torch.tensor([reference[1]])
-    at_ref, backbone_ref = table.graph_flops(n_ref, m_ref)
-    table.exit_flops = [float(v) for v in at_ref[0]]
-    table.backbone_flops = float(backbone_ref[0])
-    table.__post_init__()
-    return table
+    return CostTable(
+        exit_flops=_apply_terms(size_terms, n_ref, m_ref)[0].tolist(),
+        backbone_flops=float(_apply_terms([backbone_terms], n_ref, m_ref)[0, 0]),
+        input_shape=[int(v) for v in reference],
+        size_terms=size_terms,
+        backbone_terms=backbone_terms,
+    )

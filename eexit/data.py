@@ -121,7 +121,7 @@ class FeatureCache:
         feats: list[list[torch.Tensor]] = []
         finals: list[torch.Tensor] = []
         labels: list[torch.Tensor] = []
-        sizes: list[tuple[torch.Tensor, torch.Tensor]] = []
+        costs: list[tuple[torch.Tensor, torch.Tensor]] = []
         per_sample = ee.cost_table is not None and ee.cost_table.per_sample
         device = next(ee.parameters()).device
         with torch.no_grad():
@@ -134,12 +134,12 @@ class FeatureCache:
                 if final is not None:
                     finals.append(final)
                 if per_sample:
-                    sizes.append(ee.sample_costs(images))
+                    costs.append(ee.sample_costs(images))
         if not labels:
             raise EexitValueError(f"{name} yielded no batch; give it at least one.")
         features = [torch.cat([f[k] for f in feats]) for k in range(len(feats[0]))]
-        flops = torch.cat([s[0] for s in sizes]).cpu() if sizes else None
-        bare = torch.cat([s[1] for s in sizes]).cpu() if sizes else None
+        flops = torch.cat([c[0] for c in costs]).cpu() if costs else None
+        bare = torch.cat([c[1] for c in costs]).cpu() if costs else None
         return cls(features, torch.cat(finals) if finals else None, torch.cat(labels), flops, bare)
 
     def batch_indices(

@@ -207,7 +207,8 @@ def evaluate_outputs(
 
     For methods whose exits are not the gates' (confidence thresholds, BoostedNet's ensemble logits): pass
     their logits in ``out`` and the exit each sample takes; costs come from ``ee.cost_table`` (graphs: from each
-    graph's own cost, ``out.sample_flops``, when the outputs were collected from a loader).
+    graph's own cost, ``out.sample_flops``, when the outputs were collected from a loader or an in-memory
+    :class:`~eexit.data.FeatureCache`; the disk cache keeps no graph sizes).
 
     Args:
         ee: the model (for the cost table and whether the last exit is the backbone's head).

@@ -65,8 +65,6 @@ class GraphDriver:
                 f"{type(backbone).__name__}'s last layer {layers - 1} feeds its own graph head, the final exit; put "
                 f"IMs on layers 0..{layers - 2}, got exit_blocks={tuple(exit_blocks)}."
             )
-        if sorted(set(exit_blocks)) != list(exit_blocks):
-            raise EexitValueError(f"exit_blocks must be increasing and distinct, got {tuple(exit_blocks)}.")
         if config.head == "graph_head" and config.head_hidden is not None:
             raise EexitValueError(
                 "head='graph_head' copies the model's own head, whose widths are fixed; drop head_hidden."

@@ -10,7 +10,7 @@ One model class serves every backbone. How the backbone is run is its *driver*'s
 HookedDriver` (forward hooks on the blocks of a timm or transformers model), :class:`~eexit.staged.StagedDriver`
 (the stages of a model that has exits of its own) or :class:`~eexit.graphs.GraphDriver` (a graph transformer's
 layers on a batch of graphs, each graph its own sample). What happens at each exit is the job of the sinks in
-:mod:`eexit.recorder`, which both drivers feed; so early exit is written once.
+:mod:`eexit.recorder`, which every driver feeds; so early exit is written once.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ def make_driver(backbone: nn.Module, spec: BackboneSpec, exit_blocks: list[int],
     """The driver that runs ``backbone`` as ``spec`` describes it: its stages for a :class:`StagedSpec`, hooks
     otherwise; a graph backbone's layers with the graph driver. Refuses an exit placement or configuration the
     backbone cannot take, before anything is changed."""
-    if getattr(spec, "input_kind", "images") == "graphs":
+    if spec.input_kind == "graphs":
         return GraphDriver(backbone, spec, exit_blocks, config)
     if isinstance(spec, StagedSpec):
         return StagedDriver(backbone, spec, exit_blocks, config)
@@ -338,7 +338,7 @@ class EarlyExitModel(nn.Module):
     @property
     def reads_graphs(self) -> bool:
         """Whether the backbone reads batches of graphs (GRIT) instead of images."""
-        return getattr(self.spec, "input_kind", "images") == "graphs"
+        return self.spec.input_kind == "graphs"
 
     def sample_costs(self, inputs: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """Each sample's FLOPs at every exit ``[B, E]`` and of the bare backbone ``[B]`` (float64).

@@ -10,7 +10,7 @@ A driver (:mod:`eexit.hooked` or :mod:`eexit.staged`) runs the backbone and hand
 
 Three sinks cover every call: :class:`ExitRecorder` (real early exit: it owns the stop mask, the input-ordered
 outputs and the keep index), :class:`ExitCollector` (every exit on the whole batch) and :class:`FeatureSink` (the
-features alone, for the feature cache). Both drivers share them, so early exit is written once.
+features alone, for the feature cache). Every driver shares them, so early exit is written once.
 """
 
 from __future__ import annotations

@@ -147,7 +147,7 @@ class StageSegment(nn.Module):
 def unavailable_reason(ee: EarlyExitModel) -> str | None:
     """Why ``ee`` cannot run as segments, or ``None`` when its spec can."""
     spec = ee.spec
-    if getattr(spec, "input_kind", "images") == "graphs":
+    if spec.input_kind == "graphs":
         return (
             f"backbone spec {spec.name!r} runs batches of graphs of varying sizes, which segments (fixed tensors per "
             "exit) cannot carry; graph backbones run eagerly, graph by graph shrinking the batch"

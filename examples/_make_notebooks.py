@@ -261,7 +261,7 @@ torch.manual_seed(0)""",
 if not USE_PRETRAINED:
     # At most 25 superpixels per digit (the 8x8 digits hold 64 pixels): built once, then read from the cache.
     splits = load_digits_superpixels(n_segments=25)
-    backbone = grit_tiny(num_classes=10, rrwp_steps=4)
+    backbone = grit_tiny(num_classes=10)
 else:
     splits = load_gnn_benchmark("data/GNNBenchmark", "MNIST")  # MNIST_v2 files put there by hand
     backbone = load_graphgym_checkpoint(grit_mnist_large(), "results/mnist-GRIT-RRWP-LARGE/0/ckpt/99.ckpt")
@@ -328,7 +328,7 @@ for lam in LAMBDAS:
         """\
 with torch.inference_mode():
     out = ee(batch)
-print("exit of the first 16 images:", out.exit_index[:16].tolist())
+print("exit of the first 16 images (their graphs):", out.exit_index[:16].tolist())
 accuracy = (out.logits.argmax(-1) == batch.y).float().mean().item()
 print(f"{out.gflops.mean().item():.5f} GFLOPs per graph on average, accuracy {accuracy:.3f}")""",
     ),

@@ -27,6 +27,8 @@ class BackboneSpec:
 
     #: unique registry name, stored in saved adapters as the backbone family
     name: str = ""
+    #: what the model reads: ``"images"`` (tensors [B, C, H, W]) or ``"graphs"`` (torch_geometric batches, GRIT)
+    input_kind: str = "images"
 
     def matches(self, model: nn.Module) -> bool:
         """Whether this spec describes ``model``."""

@@ -254,7 +254,7 @@ class _FeatureEncoder(nn.Module):
 
 
 class _RelEncoder(nn.Module):
-    """RRWP pair encoder; ``padding`` is the (zero) start of pairs that are neither edges nor RRWP-reachable."""
+    """RRWP pair encoder; ``padding`` is the original's (zero) start of every pair, kept for its state-dict key."""
 
     def __init__(self, steps: int, hidden: int) -> None:
         super().__init__()
@@ -374,7 +374,7 @@ class _GraphGymLayer(nn.Module):
 
 
 class _GraphGymStack(nn.Module):
-    """GraphGym ``GeneralMultiLayer``: ``Layer_0``, ``Layer_1``, ... each Linear-ReLU."""
+    """GraphGym ``GeneralMultiLayer``: ``Layer_0``, ``Layer_1``, ... each Linear, ReLU, L2-normalise."""
 
     def __init__(self, count: int, width: int) -> None:
         super().__init__()
