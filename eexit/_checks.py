@@ -9,7 +9,15 @@ from torch import Tensor
 
 from eexit.errors import EexitTypeError, EexitValueError
 
-__all__ = ["_as_float_vector", "_check_alpha", "_check_index", "_check_logits", "_check_tensor", "all_finite"]
+__all__ = [
+    "_as_float_vector",
+    "_check_alpha",
+    "_check_index",
+    "_check_logits",
+    "_check_tensor",
+    "all_finite",
+    "nonfinite_graph_field",
+]
 
 
 def _check_tensor(x: object, name: str) -> Tensor:
@@ -97,3 +105,12 @@ def all_finite(x: torch.Tensor) -> bool:
         return True
     lo, hi = torch.aminmax(x)
     return bool(torch.isfinite(lo) & torch.isfinite(hi))
+
+
+def nonfinite_graph_field(batch: object) -> str | None:
+    """The first of a graph batch's float features (``x``, then ``edge_attr``) holding NaN or Inf, or ``None``."""
+    for name in ("x", "edge_attr"):
+        value = getattr(batch, name, None)
+        if isinstance(value, Tensor) and value.is_floating_point() and not all_finite(value):
+            return name
+    return None

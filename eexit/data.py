@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from tqdm.auto import tqdm
 
-from ._checks import all_finite
+from ._checks import all_finite, nonfinite_graph_field
 from .errors import EexitTypeError, EexitValueError
 
 if TYPE_CHECKING:
@@ -77,10 +77,9 @@ def is_graph_batch(batch: Any) -> bool:
 def check_images(images: Any, where: str) -> torch.Tensor:
     """Refuse non-tensors and NaN/Inf pixels (or node features), which would silently poison every exit's statistics."""
     if is_graph_batch(images):
-        for name in ("x", "edge_attr"):
-            value = getattr(images, name, None)
-            if isinstance(value, torch.Tensor) and value.is_floating_point() and not all_finite(value):
-                raise EexitValueError(f"{where}: some graphs' {name} values are NaN or Inf; clean the graphs.")
+        bad = nonfinite_graph_field(images)
+        if bad is not None:
+            raise EexitValueError(f"{where}: some graphs' {bad} values are NaN or Inf; clean the graphs.")
         return images
     if not isinstance(images, torch.Tensor):
         raise EexitTypeError(f"{where}: images must be a torch.Tensor, got {type(images).__name__}.")

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._checks import all_finite
+from ._checks import all_finite, nonfinite_graph_field
 from .adapters import AdapterRecord, AdapterSet
 from .backbones.base import BackboneSpec, StagedSpec
 from .config import ExitConfig, FitConfig
@@ -367,14 +367,12 @@ class EarlyExitModel(nn.Module):
                 f"edge_index and edge_attr, got {type(batch).__name__}. Batch graphs with "
                 "torch_geometric.loader.DataLoader (eexit.superpixels builds them from images)."
             )
-        if self.check_inputs:
-            for name in ("x", "edge_attr"):
-                value = getattr(batch, name, None)
-                if isinstance(value, torch.Tensor) and value.is_floating_point() and not all_finite(value):
-                    raise EexitValueError(
-                        f"some {'node' if name == 'x' else 'edge'} features ({name}) are NaN or Inf: every exit "
-                        "would answer with garbage. Clean the graphs; set ee.check_inputs = False to skip this check."
-                    )
+        bad = nonfinite_graph_field(batch) if self.check_inputs else None
+        if bad is not None:
+            raise EexitValueError(
+                f"some {'node' if bad == 'x' else 'edge'} features ({bad}) are NaN or Inf: every exit would answer "
+                "with garbage. Clean the graphs; set ee.check_inputs = False to skip this check."
+            )
         return batch
 
     def _check_input(self, pixel_values: Any) -> torch.Tensor:

@@ -303,21 +303,7 @@ batch = next(iter(test_loader))
 flops, _ = ee.sample_costs(batch)
 print("MFLOPs at the last exit of the 3 first test graphs:", (flops[:3, -1] / 1e6).round().tolist())""",
     ),
-    ("md", "## Train the exits with JEI-DNN"),
-    (
-        "code",
-        """\
-initial = ee.adapter_state_dict()
-reports = {}
-for lam in LAMBDAS:
-    ee.load_adapter_state_dict(initial)
-    eexit.fit(ee, train_loader, val_loader, lam=lam, epochs=FIT_EPOCHS, warmup_epochs=FIT_EPOCHS // 4,
-              phase_batches=10, optimizer="adamw", lr=2e-2, min_lr=1e-4, progress=False)
-    reports[lam] = eexit.evaluate(ee, test_loader, calibration_loader=val_loader, alpha=0.1)
-    ee.add_adapter(f"lam_{lam:g}")
-    print(f"λ = {lam}")
-    print(reports[lam].to_markdown())""",
-    ),
+    *EEXIT_CELLS[2:4],  # train the exits with JEI-DNN: the same cells as every notebook
     (
         "md",
         "## Real early exit\n\nEach graph stops at its own exit: its nodes and pairs leave the batch, and the "
