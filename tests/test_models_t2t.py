@@ -39,7 +39,11 @@ def tiny(seed: int = 0, **kwargs) -> T2TViT:
 
 
 def n_params(model: nn.Module, trainable_only: bool = False) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+    """The release's count: every state-dict tensor (the fixed pos_embed and performer matrices are buffers
+    here, Parameters there), or only what trains."""
+    if trainable_only:
+        return sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return sum(t.numel() for t in model.state_dict().values())
 
 
 def macs(model: nn.Module, img: int) -> float:
@@ -118,7 +122,12 @@ def test_released_structure_details():
     model = tiny()
     perf = model.tokens_to_token.attention1
     assert isinstance(model.blocks, nn.Sequential) and len(model.blocks) == 3
+    # Fixed tensors are persistent buffers under the released names: in the state dict, not in parameters()
     assert not model.pos_embed.requires_grad and not perf.w.requires_grad
+    buffers = dict(model.named_buffers())
+    assert "pos_embed" in buffers and "tokens_to_token.attention1.w" in buffers
+    assert "pos_embed" in model.state_dict() and "tokens_to_token.attention2.w" in model.state_dict()
+    assert all(p.requires_grad for p in model.parameters())
     assert perf.w.shape == (8, 16)  # m = token_dim / 2 random features (32 x 64 in the released sizes)
     # orthogonal rows scaled by sqrt(m)
     assert torch.allclose(perf.w @ perf.w.T, 8 * torch.eye(8), atol=1e-4)
@@ -345,3 +354,111 @@ def test_wrong_variant_checkpoint_fails_loudly(tmp_path):
     write_official(path, small.state_dict(), small.state_dict())
     with pytest.raises(CheckpointError, match="shape mismatch"):
         load_official_t2t_checkpoint(tiny(embed_dim=64, num_heads=2), path)
+
+
+# -- timm's model contract (timm's own test file runs in tests/test_timm_suite.py; these pin the details) --
+
+
+def test_forward_intermediates_follow_timm_vit_signature():
+    model = tiny()
+    x = torch.randn(2, 3, 32, 32)
+    final, maps = model.forward_intermediates(x)
+    assert torch.allclose(final, model.forward_features(x), atol=1e-6)
+    assert len(maps) == 3 and all(m.shape == (2, 32, 2, 2) for m in maps)
+    # NCHW maps are the patch tokens in row-major order; NLC keeps them as tokens
+    tokens = model.forward_intermediates(x, indices=[1], output_fmt="NLC", intermediates_only=True)
+    assert tokens[0].shape == (2, 4, 32)
+    assert torch.equal(maps[1].flatten(2).transpose(1, 2), tokens[0])
+    # the last block's output through the final norm is forward_features without the CLS token
+    (normed,) = model.forward_intermediates(x, indices=1, norm=True, output_fmt="NLC", intermediates_only=True)
+    assert torch.allclose(normed, final[:, 1:], atol=1e-6)
+    # stop_early gives the same taps; prefix tokens come back paired with the maps
+    early = model.forward_intermediates(x, indices=[0], stop_early=True, intermediates_only=True)
+    assert torch.allclose(early[0], maps[0], atol=1e-6)
+    (pair,) = model.forward_intermediates(x, indices=[-1], return_prefix_tokens=True, intermediates_only=True)
+    assert pair[0].shape == (2, 32, 2, 2) and pair[1].shape == (2, 1, 32)
+
+
+def test_features_only_gives_the_block_maps():
+    features = timm.create_model("t2t_vit_tiny", features_only=True, out_indices=(0, 2)).eval()
+    assert features.feature_info.channels() == [32, 32] and features.feature_info.reduction() == [16, 16]
+    torch.manual_seed(0)
+    full = timm.create_model("t2t_vit_tiny").eval()
+    # the getter wraps the pruned model: its blocks 0-2 and tokens-to-token take the full model's weights
+    missing, _ = features.model.load_state_dict(full.state_dict(), strict=False)
+    assert not missing
+    x = torch.randn(1, 3, 32, 32)
+    outs = features(x)
+    expected = full.forward_intermediates(x, indices=[0, 2], intermediates_only=True)
+    assert [o.shape for o in outs] == [(1, 32, 2, 2)] * 2
+    assert all(torch.allclose(o, e, atol=1e-6) for o, e in zip(outs, expected))
+
+
+@pytest.mark.parametrize("out_indices", [(0, 3), (-4,), 4])
+def test_out_of_range_out_indices_name_the_blocks(out_indices):
+    with pytest.raises(EexitValueError, match=r"out of range.*has 3 blocks"):
+        timm.create_model("t2t_vit_tiny", features_only=True, out_indices=out_indices)
+
+
+def test_unknown_option_and_output_format_are_refused():
+    with pytest.raises(TypeError, match="not_an_option"):
+        timm.create_model("t2t_vit_tiny", not_an_option=1)
+    with pytest.raises(EexitValueError, match="NCHW or NLC"):
+        tiny().forward_intermediates(torch.randn(1, 3, 32, 32), output_fmt="NHWC")
+
+
+def test_prune_intermediate_layers_keeps_the_taps():
+    model = tiny()
+    x = torch.randn(1, 3, 32, 32)
+    taps = model.forward_intermediates(x, intermediates_only=True)
+    assert model.prune_intermediate_layers([1]) == [1]
+    assert len(model.blocks) == 2 and isinstance(model.head, nn.Identity) and model.num_classes == 0
+    (tap,) = model.forward_intermediates(x, indices=[1], intermediates_only=True)
+    assert torch.allclose(tap, taps[1], atol=1e-6)
+
+
+def test_reset_classifier_keeps_device_dtype_and_mode():
+    model = tiny().double()
+    model.reset_classifier(7)
+    assert model.head.weight.dtype == torch.float64 and not model.head.training
+    assert model(torch.randn(1, 3, 32, 32, dtype=torch.float64)).shape == (1, 7)
+    model.reset_classifier(0, "avg")
+    assert model(torch.randn(1, 3, 32, 32, dtype=torch.float64)).shape == (1, 32)
+
+
+def test_meta_device_and_dtype_factory_arguments():
+    model = timm.create_model("t2t_vit_tiny", device="meta", dtype=torch.bfloat16)
+    tensors = [*model.parameters(), *model.buffers()]
+    assert all(t.device.type == "meta" and t.dtype == torch.bfloat16 for t in tensors)
+
+
+def test_every_parameter_gets_a_gradient():
+    model = timm.create_model("t2t_vit_tiny").train()
+    model(torch.randn(2, 3, 32, 32)).sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_torchscript_and_fx_match_eager():
+    from timm.models import get_notrace_functions, get_notrace_modules
+    from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
+
+    model = tiny()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        eager = model(x)
+        with timm.layers.set_layer_config(scriptable=True):
+            scripted = torch.jit.script(model)
+        assert torch.allclose(scripted(x), eager, atol=1e-5)
+        kwargs = {"leaf_modules": get_notrace_modules(), "autowrap_functions": get_notrace_functions()}
+        _, nodes = get_graph_node_names(model, tracer_kwargs=kwargs)
+        fx = create_feature_extractor(model, return_nodes=[nodes[-1]], tracer_kwargs=kwargs)
+        assert torch.allclose(next(iter(fx(x).values())), eager, atol=1e-5)
+
+
+def test_performer_kernel_stays_float32_under_autocast():
+    model = tiny()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x)
+    assert torch.isfinite(out).all()
+    assert torch.allclose(out.float(), model(x), atol=0.1)

@@ -7,11 +7,11 @@ trunk, with the parameter names of the released model so its checkpoints load un
 from __future__ import annotations
 
 import math
-from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
 from timm.layers import DropPath, Mlp, use_fused_attn
+from timm.models import register_notrace_function
 from torch import nn
 
 __all__ = ["Attention", "Block", "T2TModule", "TokenPerformer", "sinusoid_table"]
@@ -37,8 +37,10 @@ class TokenPerformer(nn.Module):
 
     Attention is linearised with positive random features phi(x) = exp(w x - |x|^2 / 2) / sqrt(m). The
     residual of the attention half is ``v``, not the input, because the layer changes the token width
-    (in_dim -> dim). The random matrix ``w`` is drawn orthogonal once, scaled by sqrt(m), and kept as a
-    non-trainable Parameter so checkpoints carry it; both dropouts are fixed at 0.1 as released.
+    (in_dim -> dim). The random matrix ``w`` is drawn orthogonal once and scaled by sqrt(m). The released code
+    keeps it as a non-trainable Parameter; here it is a persistent buffer under the same name, so checkpoints
+    still carry it (and load strictly) while ``parameters()`` holds only what trains, as timm and optimizers
+    expect. Both dropouts are fixed at 0.1 as released.
     """
 
     def __init__(self, in_dim: int, dim: int, kernel_ratio: float = 0.5, drop: float = 0.1, eps: float = 1e-8):
@@ -53,23 +55,11 @@ class TokenPerformer(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, dim), nn.Dropout(drop))
         w = nn.init.orthogonal_(torch.randn(self.num_features_rf, dim)) * math.sqrt(self.num_features_rf)
-        self.w = nn.Parameter(w, requires_grad=False)
-
-    def _features(self, x: torch.Tensor) -> torch.Tensor:
-        """Positive random features of x: [B, T, dim] -> [B, T, m], in float32."""
-        x = x.float()
-        sq_half = (x * x).sum(dim=-1, keepdim=True) / 2  # [B, T, 1]
-        wtx = torch.einsum("btd,md->btm", x, self.w.float())  # [B, T, m]
-        return torch.exp(wtx - sq_half) / math.sqrt(self.num_features_rf)
+        self.register_buffer("w", w)
 
     def _attention(self, x: torch.Tensor) -> torch.Tensor:
         k, q, v = self.kqv(x).split(self.dim, dim=-1)  # 3 x [B, T, dim]
-        # exp() of the features overflows in half precision; keep the kernel in float32 even under autocast.
-        with _no_autocast(x.device.type):
-            kp, qp = self._features(k), self._features(q)  # [B, T, m]
-            denom = torch.einsum("btm,bm->bt", qp, kp.sum(dim=1)).unsqueeze(-1)  # [B, T, 1]
-            kptv = torch.einsum("btd,btm->bdm", v.float(), kp)  # [B, dim, m]
-            y = torch.einsum("btm,bdm->btd", qp, kptv) / (denom + self.eps)  # [B, T, dim]
+        y = performer_kernel(k, q, v, self.w, self.eps)
         return v + self.dp(self.proj(y.to(v.dtype)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -77,9 +67,36 @@ class TokenPerformer(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
-def _no_autocast(device_type: str) -> torch.autocast | nullcontext[None]:
-    """Autocast switched off for ``device_type``; a no-op where autocast does not exist (e.g. "meta")."""
-    return torch.autocast(device_type, enabled=False) if device_type in ("cpu", "cuda", "xpu", "mps") else nullcontext()
+def _random_features(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Positive random features phi(x) = exp(w x - |x|^2 / 2) / sqrt(m): [B, T, dim] -> [B, T, m], float32."""
+    x = x.float()
+    sq_half = (x * x).sum(dim=-1, keepdim=True) / 2  # [B, T, 1]
+    wtx = torch.einsum("btd,md->btm", x, w.float())  # [B, T, m]
+    return torch.exp(wtx - sq_half) / math.sqrt(w.shape[0])
+
+
+def _linear_attention(k: torch.Tensor, q: torch.Tensor, v: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    """phi(q) (phi(k)^T v) / (phi(q) sum_t phi(k_t)): the performer's attention, in float32."""
+    kp, qp = _random_features(k, w), _random_features(q, w)  # [B, T, m]
+    denom = torch.einsum("btm,bm->bt", qp, kp.sum(dim=1)).unsqueeze(-1)  # [B, T, 1]
+    kptv = torch.einsum("btd,btm->bdm", v.float(), kp)  # [B, dim, m]
+    return torch.einsum("btm,bdm->btd", qp, kptv) / (denom + eps)  # [B, T, dim]
+
+
+@register_notrace_function  # torch.fx records one call: the autocast switch below cannot be traced
+def performer_kernel(k: torch.Tensor, q: torch.Tensor, v: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    """The token-performer's attention [B, T, dim] in float32, with autocast off where it exists.
+
+    exp() of the random features overflows in half precision, so the kernel stays in float32 even under
+    autocast. TorchScript cannot compile the autocast switch (scripted models run without autocast anyway).
+    """
+    if torch.jit.is_scripting():
+        return _linear_attention(k, q, v, w, eps)
+    device_type = k.device.type
+    if device_type not in ("cpu", "cuda", "xpu", "mps"):  # e.g. "meta": no autocast to switch off
+        return _linear_attention(k, q, v, w, eps)
+    with torch.autocast(device_type, enabled=False):
+        return _linear_attention(k, q, v, w, eps)
 
 
 class T2TModule(nn.Module):
@@ -95,19 +112,18 @@ class T2TModule(nn.Module):
         self.project = nn.Linear(token_dim * 3 * 3, embed_dim)
         self.grid_size = img_size // TOTAL_STRIDE
         self.num_patches = self.grid_size**2
-
-    @staticmethod
-    def _to_grid(x: torch.Tensor) -> torch.Tensor:
-        """[B, T, C] tokens -> [B, C, s, s] image, s = sqrt(T) (inputs are square by construction)."""
-        side = math.isqrt(x.shape[1])
-        return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], side, side)
+        # Token grids after the first and second soft split (square inputs, sides multiples of 16). Stored as
+        # ints so the forward needs no arithmetic on shapes, which torch.fx could not trace.
+        self.grid1, self.grid2 = img_size // 4, img_size // 8
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.soft_split0(x).transpose(1, 2)  # [B, (S/4)^2, 49 C]
         x = self.attention1(x)  # [B, (S/4)^2, t]
-        x = self.soft_split1(self._to_grid(x)).transpose(1, 2)  # [B, (S/8)^2, 9 t]
+        x = x.transpose(1, 2).unflatten(2, (self.grid1, self.grid1))  # [B, t, S/4, S/4]
+        x = self.soft_split1(x).transpose(1, 2)  # [B, (S/8)^2, 9 t]
         x = self.attention2(x)  # [B, (S/8)^2, t]
-        x = self.soft_split2(self._to_grid(x)).transpose(1, 2)  # [B, (S/16)^2, 9 t]
+        x = x.transpose(1, 2).unflatten(2, (self.grid2, self.grid2))  # [B, t, S/8, S/8]
+        x = self.soft_split2(x).transpose(1, 2)  # [B, (S/16)^2, 9 t]
         return self.project(x)  # [B, (S/16)^2, D]
 
 

@@ -14,19 +14,36 @@ own, written from the paper and the released architecture, with the released par
 Importing this module registers ``t2t_vit_7``, ``_10``, ``_12``, ``_14``, ``_19``, ``_24`` and the test-size
 ``t2t_vit_tiny`` with timm, so ``timm.create_model("t2t_vit_14", num_classes=10, img_size=224)`` works.
 No weights can be downloaded: load a released file with :func:`load_official_t2t_checkpoint`.
+
+The model keeps timm's contract for vision transformers and passes timm's own model tests
+(``tests/test_timm_suite.py``): ``forward_features`` / ``forward_head(pre_logits=True)``, ``reset_classifier``,
+``forward_intermediates`` with the signature of timm's ``VisionTransformer``, ``prune_intermediate_layers``,
+``features_only=True`` (the blocks' token maps [B, D, S/16, S/16]), TorchScript and torch.fx, and the
+``device=`` / ``dtype=`` factory arguments. Where the release differs from that contract, the release's
+state-dict keys win: the fixed position table and the performer's random matrices, non-trainable Parameters
+in the released code, are persistent buffers under the same names, so official checkpoints load strictly and
+``parameters()`` holds only what trains. The release's parameter counts are state-dict counts.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: torch.fx copies the forward's annotations into the code it
+# generates, and TorchScript (scripting that code) cannot read them back as strings.
 import math
 import os
 import warnings
+from contextlib import nullcontext
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from timm.layers import trunc_normal_
-from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
+from timm.models import (
+    build_model_with_cfg,
+    checkpoint,
+    checkpoint_seq,
+    generate_default_cfgs,
+    register_model,
+    register_notrace_function,
+)
 from torch import nn
 
 from eexit.errors import EexitValueError
@@ -66,6 +83,12 @@ class T2TViT(nn.Module):
     ``pos_embed``, ``blocks``, ``norm``, ``head``), so official state dicts load as they are.
     ``forward_features`` returns every token after the final norm ([B, 1 + (S/16)^2, D]);
     ``forward_head`` pools the CLS token (``global_pool="token"``) or the patch-token mean (``"avg"``).
+    ``pos_embed`` (the fixed sinusoid table) is a persistent buffer, not a Parameter as released: same key,
+    nothing to train.
+
+    Args:
+        device: Where to create the tensors (timm's factory argument; e.g. ``"meta"``).
+        dtype: Their floating-point type.
     """
 
     def __init__(
@@ -85,6 +108,8 @@ class T2TViT(nn.Module):
         drop_path_rate: float = 0.0,
         token_dim: int = 64,
         tokens_type: str = "performer",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ):
         super().__init__()
         if tokens_type != "performer":
@@ -98,6 +123,30 @@ class T2TViT(nn.Module):
             )
         _check_pool(global_pool)
         self.img_size = _square_side(img_size)
+        # The whole model is built on ``device``; dtype is applied at the end (the sinusoid table and the
+        # orthogonal draw are computed in float32/float64 first, as released).
+        with torch.device(device) if device is not None else nullcontext():
+            self._build(in_chans, num_classes, global_pool, embed_dim, depth, num_heads, mlp_ratio, qkv_bias,
+                        qk_scale, drop_rate, attn_drop_rate, drop_path_rate, token_dim)  # fmt: skip
+        if dtype is not None:
+            self.to(dtype)
+
+    def _build(
+        self,
+        in_chans: int,
+        num_classes: int,
+        global_pool: str,
+        embed_dim: int,
+        depth: int,
+        num_heads: int,
+        mlp_ratio: float,
+        qkv_bias: bool,
+        qk_scale: float | None,
+        drop_rate: float,
+        attn_drop_rate: float,
+        drop_path_rate: float,
+        token_dim: int,
+    ) -> None:
         self.in_chans = in_chans
         self.num_classes = num_classes
         self.global_pool = global_pool
@@ -108,8 +157,8 @@ class T2TViT(nn.Module):
         self.tokens_to_token = T2TModule(self.img_size, in_chans, embed_dim, token_dim)
         num_patches = self.tokens_to_token.num_patches
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
-        # Fixed, not learned (as released); a Parameter rather than a buffer so checkpoints carry it.
-        self.pos_embed = nn.Parameter(sinusoid_table(num_patches + 1, embed_dim), requires_grad=False)
+        # Fixed, not learned (as released). A persistent buffer keeps the released key "pos_embed".
+        self.register_buffer("pos_embed", sinusoid_table(num_patches + 1, embed_dim))
         self.pos_drop = nn.Dropout(drop_rate)
         # Stochastic depth rate grows linearly with depth, as released.
         dpr = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()
@@ -121,6 +170,10 @@ class T2TViT(nn.Module):
         )
         self.norm = nn.LayerNorm(embed_dim)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        # What forward_intermediates / features_only offer: every block's tokens as a [D, S/16, S/16] map.
+        self.feature_info = [
+            {"module": f"blocks.{i}", "num_chs": embed_dim, "reduction": TOTAL_STRIDE} for i in range(depth)
+        ]
 
         trunc_normal_(self.cls_token, std=0.02)
         self.apply(_init_weights)
@@ -145,32 +198,108 @@ class T2TViT(nn.Module):
         return self.head
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        """Replace the head with a fresh one for ``num_classes`` (0 gives an identity head)."""
+        """Replace the head with a fresh one for ``num_classes`` (0 gives an identity head).
+
+        The new head is created on the model's device and dtype. ``global_pool`` None keeps the pooling.
+        """
         if global_pool is not None:
             _check_pool(global_pool)
             self.global_pool = global_pool
         self.num_classes = num_classes
-        self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        ref = self.cls_token
+        self.head = (
+            nn.Linear(self.embed_dim, num_classes, device=ref.device, dtype=ref.dtype)
+            if num_classes > 0
+            else nn.Identity()
+        )
+        self.head.train(self.training)
 
     def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
         """Prepend the CLS token and add the fixed position table: [B, T, D] -> [B, T + 1, D]."""
         x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1), x), dim=1)
         return self.pos_drop(x + self.pos_embed)
 
+    def _embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Images [B, C, S, S] (checked) -> tokens with CLS and positions [B, 1 + (S/16)^2, D]."""
+        if not torch.jit.is_scripting():
+            check_images(x, self.in_chans, self.img_size)
+        return self._pos_embed(self.tokens_to_token(x))
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Images [B, C, S, S] -> normed tokens [B, 1 + (S/16)^2, D], CLS first."""
-        if x.ndim != 4 or tuple(x.shape[1:]) != (self.in_chans, self.img_size, self.img_size):
-            raise EexitValueError(
-                f"This T2T-ViT takes images of shape [B, {self.in_chans}, {self.img_size}, {self.img_size}] "
-                f"(its position table is fixed at construction); got {tuple(x.shape)}. Resize the inputs to "
-                f"{self.img_size} px, or build the model with img_size=<your side> (a multiple of 16)."
-            )
-        x = self._pos_embed(self.tokens_to_token(x))
+        x = self._embed(x)
         if self.grad_checkpointing and not torch.jit.is_scripting():
             x = checkpoint_seq(self.blocks, x)
         else:
             x = self.blocks(x)
         return self.norm(x)
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | list[int] | None = None,
+        return_prefix_tokens: bool = False,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
+        """The blocks' outputs, with the signature of timm's ``VisionTransformer.forward_intermediates``.
+
+        Args:
+            x: Images [B, C, S, S].
+            indices: Blocks to return: the last n if an int, these (negative from the end) if a list, all if None.
+            return_prefix_tokens: Return (patch tokens, CLS token) pairs instead of the patch tokens alone.
+            norm: Pass every intermediate through the final LayerNorm.
+            stop_early: Run only up to the last block asked for (then the final output is not computed
+                from every block; with ``intermediates_only`` that is all one needs).
+            output_fmt: ``"NCHW"`` (patch tokens as a [B, D, S/16, S/16] map) or ``"NLC"`` ([B, (S/16)^2, D]).
+            intermediates_only: Return only the list of intermediates.
+
+        Returns:
+            The intermediates, or ``(final normed tokens, intermediates)``, the former equal to
+            :meth:`forward_features`.
+        """
+        if output_fmt not in ("NCHW", "NLC"):
+            raise EexitValueError(f"Output format must be one of NCHW or NLC; got output_fmt={output_fmt!r}.")
+        take_indices, max_index = _take_indices(len(self.blocks), indices)
+        intermediates: list[torch.Tensor] = []
+        x = self._embed(x)
+        blocks = self.blocks if torch.jit.is_scripting() or not stop_early else self.blocks[: max_index + 1]
+        for i, blk in enumerate(blocks):
+            if self.grad_checkpointing and not torch.jit.is_scripting():
+                x = checkpoint(blk, x)
+            else:
+                x = blk(x)
+            if i in take_indices:
+                intermediates.append(self.norm(x) if norm else x)
+        prefix = [y[:, : self.num_prefix_tokens] for y in intermediates]
+        intermediates = [y[:, self.num_prefix_tokens :] for y in intermediates]
+        if output_fmt == "NCHW":
+            side = self.tokens_to_token.grid_size
+            intermediates = [y.transpose(1, 2).unflatten(2, (side, side)).contiguous() for y in intermediates]
+        if not torch.jit.is_scripting() and return_prefix_tokens:
+            intermediates = list(zip(intermediates, prefix))  # type: ignore[arg-type]
+        if intermediates_only:
+            return intermediates
+        return self.norm(x), intermediates
+
+    def prune_intermediate_layers(
+        self, indices: int | list[int] = 1, prune_norm: bool = False, prune_head: bool = True
+    ) -> list[int]:
+        """Drop the blocks after the last of ``indices`` (and the norm / head if asked); returns the indices.
+
+        This is what ``features_only=True`` does (timm's ``FeatureGetterNet``): the model keeps only what its
+        features need.
+        """
+        take_indices, max_index = _take_indices(len(self.blocks), indices)
+        self.blocks = self.blocks[: max_index + 1]
+        self.feature_info = self.feature_info[: max_index + 1]
+        if prune_norm:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.reset_classifier(0, "")
+        return take_indices
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Normed tokens -> pooled features [B, D] (``pre_logits``) or logits [B, num_classes]."""
@@ -182,6 +311,42 @@ class T2TViT(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
+
+
+# torch.fx records one call; the checks run on real tensors, not on traced ones. (fx only wraps public names.)
+@register_notrace_function
+def check_images(x: torch.Tensor, in_chans: int, img_size: int) -> None:
+    """Refuse images the fixed position table cannot take, saying how to fix them."""
+    if x.ndim != 4 or tuple(x.shape[1:]) != (in_chans, img_size, img_size):
+        raise EexitValueError(
+            f"This T2T-ViT takes images of shape [B, {in_chans}, {img_size}, {img_size}] (its position table is "
+            f"fixed at construction); got {tuple(x.shape)}. Resize the inputs to {img_size} px, or build the "
+            f"model with img_size=<your side> (a multiple of {TOTAL_STRIDE})."
+        )
+
+
+def _take_indices(num_blocks: int, indices: int | list[int] | None) -> tuple[list[int], int]:
+    """timm's ``feature_take_indices``, with an error that says what the model has instead of an assert."""
+    if indices is None:
+        indices = num_blocks
+    if isinstance(indices, int):
+        if not 0 < indices <= num_blocks:
+            raise EexitValueError(
+                f"last-n ({indices}) is out of range (1 to {num_blocks}): this T2T-ViT has {num_blocks} blocks. "
+                f"Ask for 1 to {num_blocks} of the last blocks, or pass a list of block indices."
+            )
+        take = [num_blocks - indices + i for i in range(indices)]
+    else:
+        take = []
+        for i in indices:
+            idx = num_blocks + i if i < 0 else i
+            if not 0 <= idx < num_blocks:
+                raise EexitValueError(
+                    f"feature index {idx} is out of range (0 to {num_blocks - 1}): this T2T-ViT has {num_blocks} "
+                    f"blocks. Use out_indices / indices between {-num_blocks} and {num_blocks - 1}."
+                )
+            take.append(idx)
+    return take, max(take)
 
 
 def _check_pool(global_pool: str) -> None:
@@ -281,11 +446,13 @@ def _cfg(**kwargs: Any) -> dict[str, Any]:
         "num_classes": 1000,
         "input_size": (3, 224, 224),
         "fixed_input_size": True,  # lets timm pass img_size through to the model
-        "pool_size": None,
+        "pool_size": None,  # as timm's ViTs: the pooled output is one token, not a spatial map
         "crop_pct": 0.9,
         "interpolation": "bicubic",
         "mean": (0.485, 0.456, 0.406),
         "std": (0.229, 0.224, 0.225),
+        # The first layer that reads pixels: a Linear over unfolded 7x7 patches (a 7x7/4 conv in Linear form).
+        "first_conv": "tokens_to_token.attention1.kqv",
         "classifier": "head",
         "license": "bsd-3-clause-clear",
         "origin_url": "https://github.com/yitu-opensource/T2T-ViT",
@@ -309,11 +476,14 @@ def _create(variant: str, pretrained: bool, model_args: dict[str, Any], **kwargs
     # A local file given through timm goes through our safe loader: timm's own file loading would refuse
     # the argparse.Namespace inside the released .pth.tar files and would not resize pos_embed.
     file = (kwargs.get("pretrained_cfg_overlay") or {}).get("file") if pretrained else None
+    # features_only=True: the last 3 blocks' token maps, through forward_intermediates (as timm's ViTs).
+    out_indices = kwargs.pop("out_indices", 3)
     model = build_model_with_cfg(
         T2TViT,
         variant,
         pretrained and not file,
         pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg={"out_indices": out_indices, "feature_cls": "getter"},
         **dict(model_args, **kwargs),  # user kwargs override the variant's, as in timm's own factories
     )
     if file:
