@@ -134,6 +134,16 @@ def _results(meta: dict[str, Any]) -> str:
     return "\n\n".join(parts) + "\n"
 
 
+def _peft_rows(peft: dict[str, Any] | None) -> list[list[str]]:
+    """Card rows for a PEFT-wrapped backbone: which adapter, and where its weights are (next to the exits)."""
+    if not peft:
+        return []
+    return [
+        ["PEFT adapter", f"{peft.get('peft_type')} `{peft.get('adapter_name')}` on `{peft.get('target_modules')}`"],
+        ["PEFT weights", "`peft_adapter/` (part of the fingerprint; loaded by `eexit.from_pretrained`)"],
+    ]
+
+
 def _training(meta: dict[str, Any]) -> str:
     fit = meta.get("fit_config")
     if not fit:
@@ -141,7 +151,12 @@ def _training(meta: dict[str, Any]) -> str:
     keys = ("lam", "epochs", "warmup_epochs", "im_weighting", "optimizer", "lr", "train_backbone", "seed")
     rows = [[f"`{k}`", _number(fit[k])] for k in keys if k in fit]
     text = _markdown_table(["setting", "value"], rows) + "\n"
-    if fit.get("train_backbone"):
+    if fit.get("train_backbone") == "lora":
+        text += (
+            "\nThe backbone's LoRA (PEFT) adapter was trained with the exits; it is saved next to them in "
+            "`peft_adapter/`, and `eexit.from_pretrained(base_model, ...)` loads both.\n"
+        )
+    elif fit.get("train_backbone"):
         text += (
             "\nThe backbone was fine-tuned with the exits: this adapter only works on those fine-tuned "
             "weights, which are not part of it.\n"
@@ -182,6 +197,7 @@ def render_card(meta: dict[str, Any], exits: str) -> str:
                 ["base model", f"`{base}`" if base else "unknown"],
                 ["revision", f"`{backbone.get('revision')}`" if backbone.get("revision") else "unknown"],
                 ["weights fingerprint", f"`{backbone.get('fingerprint')}`"],
+                *_peft_rows(backbone.get("peft")),
             ],
         )
         + "\n\n`eexit.from_pretrained` refuses a backbone whose weights have another fingerprint.\n",

@@ -1,12 +1,19 @@
 """An adapter's folder on disk: atomic writes that never lose the previous adapter, and reads that recover from a
-save killed mid-way. The bytes themselves are :mod:`eexit._format`'s."""
+save killed mid-way. The bytes themselves are :mod:`eexit._format`'s.
+
+For a PEFT-wrapped backbone the folder also holds the PEFT adapter, written by peft itself (safetensors and JSON)
+into ``peft_adapter/``: staged whole under a temporary name first, swapped in, and swapped back if writing the
+eexit files then fails, so a failed save leaves the previous pair in place.
+"""
 
 from __future__ import annotations
 
 import os
+import shutil
 import uuid
 import warnings
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -20,13 +27,63 @@ from ._format import (
     parse_config,
     read_tensors,
 )
+from ._peft import PEFT_FOLDER
 from .errors import AdapterError
 
-__all__ = ["read_folder", "write_folder"]
+__all__ = ["read_folder", "stage_peft", "write_folder"]
 
 
-def write_folder(folder: Path, files: AdapterFiles) -> None:
-    """Write one adapter atomically: stage every file, then swap them in; the card only if there is none."""
+def stage_peft(parent: Path, peft_model: Any, tag: str) -> Path:
+    """Have peft write the active PEFT adapter into a new folder under ``parent``; returns that folder.
+
+    peft puts an adapter not called ``"default"`` in a subfolder of its name; it is moved up, so the saved folder
+    always holds ``adapter_config.json`` and ``adapter_model.safetensors`` at its top.
+    """
+    name = peft_model.active_adapter
+    staged = parent / f".{PEFT_FOLDER}.{tag}.tmp"
+    peft_model.save_pretrained(str(staged), safe_serialization=True, selected_adapters=[name])
+    if name != "default":
+        flat = parent / f".{PEFT_FOLDER}.{tag}.flat"
+        os.replace(staged / name, flat)
+        shutil.rmtree(staged)
+        staged = flat
+    return staged
+
+
+def write_folder(folder: Path, files: AdapterFiles, peft_model: Any = None) -> None:
+    """Write one adapter atomically, and with ``peft_model`` its backbone's PEFT adapter in ``peft_adapter/``.
+
+    The PEFT adapter is written completely under a temporary name before anything is replaced; if writing the
+    eexit files then fails, the previous PEFT adapter is put back.
+    """
+    if peft_model is None:
+        _write_files(folder, files)
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    tag = uuid.uuid4().hex
+    target, previous = folder / PEFT_FOLDER, folder / f".{PEFT_FOLDER}.{tag}.previous"
+    staged = None
+    try:
+        staged = stage_peft(folder, peft_model, tag)
+        if target.exists():
+            os.replace(target, previous)
+        try:
+            os.replace(staged, target)
+            _write_files(folder, files)
+        except BaseException:
+            shutil.rmtree(target, ignore_errors=True)
+            if previous.exists():
+                os.replace(previous, target)
+            raise
+        shutil.rmtree(previous, ignore_errors=True)
+    finally:
+        for stale in folder.glob(f".{PEFT_FOLDER}.{tag}.*"):
+            if stale != previous:
+                shutil.rmtree(stale, ignore_errors=True)
+
+
+def _write_files(folder: Path, files: AdapterFiles) -> None:
+    """Write one adapter's files atomically: stage every file, then swap them in; the card only if there is none."""
     folder.mkdir(parents=True, exist_ok=True)
     tag = uuid.uuid4().hex
     staged = {name: folder / f".{name}.{tag}.tmp" for name in (WEIGHTS_NAME, CONFIG_NAME, CARD_NAME)}

@@ -114,7 +114,7 @@ def check_cache(ee: EarlyExitModel, cache: FeatureCache, name: str, config: FitC
     """Refuse a feature cache that cannot stand for this model's frozen backbone."""
     if config.train_backbone or config.cache_features is False:
         raise EexitValueError(
-            f"{name} is a FeatureCache, but the config asks for train_backbone={config.train_backbone} and "
+            f"{name} is a FeatureCache, but the config asks for train_backbone={config.train_backbone!r} and "
             f"cache_features={config.cache_features}: cached features only stand for a frozen backbone. Pass "
             "the data loader instead."
         )

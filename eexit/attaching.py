@@ -3,6 +3,9 @@
 ``attach`` records every flag it changes (each parameter's ``requires_grad``, each module's training mode)
 and every hook handle; ``detach`` puts them all back, so the backbone's outputs after ``detach`` equal its
 outputs before ``attach``. The backbone's class, forward and weights are never edited.
+
+A ``peft.PeftModel`` is seen through (:mod:`eexit._peft`): the exits go on the model it wraps, whose injected
+LoRA layers then run in every exit, and ``detach`` hands the PeftModel back as it was.
 """
 
 from __future__ import annotations
@@ -14,11 +17,14 @@ from typing import Any
 
 from torch import nn
 
+from ._fingerprint import check_fingerprint
+from ._peft import is_peft_model, split_peft, wrap_with_saved_adapter
+from .adapters import check_adapter_name
 from .backbones.base import BackboneSpec, StagedSpec, find_spec
 from .config import ExitConfig
 from .cost import measure_cost_table
 from .errors import AdapterError, BackboneError, EexitValueError
-from .hub import install_adapter, read_pretrained
+from .hub import check_pretrained, install_adapter, peft_adapter_folder, read_adapter_files
 from .model import EarlyExitModel, make_driver
 
 __all__ = ["attach", "detach", "from_pretrained"]
@@ -66,8 +72,15 @@ def attach(
 
     The backbone is frozen and put in eval mode; everything changed is recorded for :func:`detach`.
 
+    A ``peft.PeftModel`` (e.g. ``peft.get_peft_model(vit, LoraConfig(target_modules=["qkv"]))``) is attached through
+    the model it wraps: the spec is matched on ``peft_model.get_base_model()``, the hooks go on its (LoRA-wrapped)
+    blocks, so the LoRA layers run in every exit and in real early exit; ``ee.peft_model`` keeps the PeftModel and
+    :func:`detach` returns it unchanged. ``fit(..., train_backbone="lora")`` then trains the LoRA weights with the
+    exits, and ``ee.save_pretrained`` writes the PEFT adapter next to them.
+
     Args:
-        model: a timm or transformers vision transformer (or any model a spec describes).
+        model: a timm or transformers vision transformer (or any model a spec describes), or a PeftModel around
+            one.
         config: where the exits go and what they are; keyword arguments override its fields
             (e.g. ``exit_blocks=(3, 6, 9)``, ``head="mlp"``, ``threshold=0.5``).
         spec: a spec instance, e.g. :class:`eexit.GenericSpec`, for models no registered spec knows.
@@ -81,12 +94,15 @@ def attach(
         The :class:`EarlyExitModel`; call it on images for real early exit.
 
     Raises:
-        BackboneError: no spec recognises the model, it has no blocks, or it already carries exits.
+        BackboneError: no spec recognises the model, it has no blocks, it already carries exits, or it is a
+            PeftModel whose adapter is prompt learning (eexit runs the wrapped model's blocks, not the PeftModel).
         EexitValueError: bad exit placement or class count.
     """
-    if model in _ATTACHED:
+    wrapper = model
+    model, peft_model = split_peft(model)
+    if model in _ATTACHED or wrapper in _ATTACHED:
         raise BackboneError(
-            f"this {type(model).__name__} already has exits attached; call ee.detach() (or eexit.detach(ee)) "
+            f"this {type(wrapper).__name__} already has exits attached; call ee.detach() (or eexit.detach(ee)) "
             "before attaching again."
         )
     base = config or ExitConfig()
@@ -127,9 +143,16 @@ def attach(
         )
 
     # Built before anything is changed, so a configuration the driver refuses leaves the model untouched.
-    ee = EarlyExitModel(model, spec, exit_blocks, classes, config, make_driver(model, spec, exit_blocks, config))
-    ee.install(on_detach=lambda: _ATTACHED.discard(model))  # freezes the backbone, records what detach undoes
+    driver = make_driver(model, spec, exit_blocks, config)
+    ee = EarlyExitModel(model, spec, exit_blocks, classes, config, driver, peft_model=peft_model)
+
+    def forget() -> None:
+        _ATTACHED.discard(model)
+        _ATTACHED.discard(wrapper)
+
+    ee.install(on_detach=forget)  # freezes the backbone, records what detach undoes
     _ATTACHED.add(model)
+    _ATTACHED.add(wrapper)
     try:
         ee.cost_table = measure_cost_table(ee, shape)  # type: ignore[arg-type]
         ee.prepare_segments(shape)  # type: ignore[arg-type]
@@ -143,7 +166,8 @@ def detach(ee: EarlyExitModel) -> nn.Module:
     """Remove the exits from the backbone and restore every flag and mode ``attach`` changed.
 
     Returns:
-        The backbone, exactly as it was before :func:`attach` (same outputs).
+        The backbone, exactly as it was before :func:`attach` (same outputs); the PeftModel itself when the
+        backbone was attached as one (or wrapped by :func:`from_pretrained`).
     """
     if not isinstance(ee, EarlyExitModel):
         raise EexitValueError(f"detach expects the EarlyExitModel that attach returned, got {type(ee).__name__}.")
@@ -169,8 +193,13 @@ def from_pretrained(
     before the model is touched; the tensors are loaded strictly; the backbone's weights must have the
     fingerprint the adapter recorded. On any error the model is left exactly as it was.
 
+    An adapter trained on a PEFT-wrapped backbone was saved with its PEFT adapter (``peft_adapter/``). Given the
+    plain backbone, that PEFT adapter is loaded first (safetensors only; the model becomes the base of a new
+    ``peft.PeftModel``, which ``ee.peft_model`` holds and ``ee.detach()`` returns; a failed load takes it out
+    again); given a PeftModel, its PEFT adapter must be the one the exits were trained with (fingerprint).
+
     Args:
-        model: the backbone the adapter was trained on (not an EarlyExitModel).
+        model: the backbone the adapter was trained on (not an EarlyExitModel), or the PeftModel around it.
         path_or_repo_id: a folder written by :func:`save_pretrained`, or a Hub repo id (``"org/name"``).
         revision: branch, tag or commit of the Hub repo (ignored for a local folder).
         adapter_name: the name the adapter gets in the returned model.
@@ -183,29 +212,32 @@ def from_pretrained(
 
     Raises:
         AdapterError: the files are missing, unreadable, inconsistent or from a newer format, or the adapter
-            was made for another backbone (family, head, width, depth or weights).
+            was made for another backbone (family, head, width, depth or weights, the PEFT adapter's included).
     """
     if isinstance(model, EarlyExitModel):
         raise AdapterError(
             "from_pretrained expects the bare backbone, got an EarlyExitModel; to add an adapter to "
             "it use ee.load_adapter(path_or_repo_id, adapter_name)."
         )
-    saved, state, spec, attach_kwargs = read_pretrained(
-        model,
-        path_or_repo_id,
-        revision=revision,
-        adapter_name=adapter_name,
-        subfolder=subfolder,
-        cache_dir=cache_dir,
-        token=token,
-        local_files_only=local_files_only,
-        ignore_fingerprint=ignore_fingerprint,
-        attach_kwargs=attach_kwargs,
-    )
-    ee = attach(model, saved.exit_config, spec=spec, **attach_kwargs)
+    check_adapter_name(adapter_name, AdapterError)
+    hub = {"cache_dir": cache_dir, "token": token, "local_files_only": local_files_only}
+    saved, state, folder = read_adapter_files(path_or_repo_id, subfolder=subfolder, revision=revision, **hub)
+    spec, attach_kwargs = check_pretrained(model, saved, attach_kwargs)  # family and shapes, before any change
+    undo_peft = None
+    if not is_peft_model(model):
+        peft_folder = peft_adapter_folder(saved, folder, path_or_repo_id, subfolder, **hub)
+        if peft_folder is not None:
+            model, undo_peft = wrap_with_saved_adapter(model, peft_folder, saved.backbone["peft"]["adapter_name"])
     try:
-        install_adapter(ee, saved, state, adapter_name)
+        check_fingerprint(saved, spec, model, ignore_fingerprint)
+        ee = attach(model, saved.exit_config, spec=spec, **attach_kwargs)
+        try:
+            install_adapter(ee, saved, state, adapter_name)
+        except BaseException:
+            detach(ee)  # loads nothing: the user's model goes back to how it was
+            raise
     except BaseException:
-        detach(ee)  # loads nothing: the user's model goes back to how it was
+        if undo_peft is not None:
+            undo_peft()  # and loses the PEFT layers this call injected
         raise
     return ee

@@ -1,7 +1,8 @@
 """Epoch checkpoints of :func:`eexit.fit`, so a killed fit resumes where its last epoch ended.
 
 A checkpoint is a folder ``epoch-<k>-<tag>/`` with ``state.safetensors`` (every tensor: the adapter, the best epoch's
-adapter, the optimiser's buffers, the random generators' states) and ``state.json`` (everything else: epoch,
+adapter, the optimiser's buffers, the random generators' states; with ``train_backbone`` the backbone tensors the
+fit trains: all of them, or with ``"lora"`` the PEFT adapter's only) and ``state.json`` (everything else: epoch,
 phase counter, history, the optimiser's hyper-parameters). Only safetensors and JSON are read back, so resuming
 never unpickles anything. The folder is written under a temporary name and renamed, then ``latest.json`` is
 replaced to point at it (an atomic rename): a fit killed while saving leaves the previous checkpoint as the
@@ -35,6 +36,9 @@ if TYPE_CHECKING:
 
 __all__ = [
     "FitRun",
+    "backbone_parameters",
+    "backbone_state",
+    "load_backbone_state",
     "load_fit_checkpoint",
     "load_optimizer_state",
     "optimizer_state",
@@ -151,6 +155,39 @@ def data_identity(source: Any) -> Any:
         return None
 
 
+def backbone_parameters(ee: EarlyExitModel, train_backbone: bool | str) -> dict[str, torch.nn.Parameter]:
+    """The backbone parameters a fit with ``train_backbone`` trains, by name: none, every one (``True``), or the
+    ones PEFT marked trainable before attach froze them (``"lora"``: the LoRA weights, and modules_to_save)."""
+    if not train_backbone:
+        return {}
+    named = dict(ee.backbone.named_parameters())
+    return {name: named[name] for name in ee.peft_trainable} if train_backbone == "lora" else named
+
+
+def backbone_state(ee: EarlyExitModel, train_backbone: bool | str) -> dict[str, torch.Tensor]:
+    """A copy of the backbone tensors a fit changes: its whole state dict (``True``), or the PEFT adapter's
+    trainable parameters only (``"lora"``; the frozen base is not copied); what a snapshot and a checkpoint keep."""
+    if train_backbone == "lora":
+        return {k: v.detach().clone() for k, v in backbone_parameters(ee, "lora").items()}
+    return {k: v.detach().clone() for k, v in ee.backbone.state_dict().items()} if train_backbone else {}
+
+
+def load_backbone_state(ee: EarlyExitModel, train_backbone: bool | str, state: dict[str, torch.Tensor]) -> None:
+    """Put back what :func:`backbone_state` copied (strictly: a LoRA state must name exactly the trained tensors)."""
+    if train_backbone != "lora":
+        ee.backbone.load_state_dict(state)
+        return
+    params = backbone_parameters(ee, "lora")
+    if set(state) != set(params):
+        raise EexitValueError(
+            f"the saved LoRA state names other tensors than this model's PEFT adapter trains ({len(state)} saved, "
+            f"{len(params)} here); resume with the same PeftModel, or use another checkpoint_dir."
+        )
+    with torch.no_grad():
+        for name, param in params.items():
+            param.copy_(state[name])
+
+
 def save_fit_checkpoint(
     ee: EarlyExitModel,
     run: FitRun,
@@ -163,8 +200,8 @@ def save_fit_checkpoint(
 ) -> None:
     tensors = {f"adapter.{k}": v for k, v in ee.adapter_state_dict().items()}
     tensors.update({f"best.{k}": v for k, v in best_state["adapter"].items()})
-    if config.train_backbone:
-        tensors.update({f"backbone.{k}": v for k, v in ee.backbone.state_dict().items()})
+    if config.train_backbone:  # the whole backbone, or with "lora" only the PEFT adapter's trained tensors
+        tensors.update({f"backbone.{k}": v for k, v in backbone_state(ee, config.train_backbone).items()})
         tensors.update({f"best_backbone.{k}": v for k, v in best_state["backbone"].items()})
     optim_tensors, optim_plain = optimizer_state(optimizer)
     tensors.update(optim_tensors)
@@ -214,7 +251,7 @@ def load_fit_checkpoint(
     ee.load_adapter_state_dict(part("adapter."))
     best: dict[str, Any] = {"adapter": part("best.")}
     if config.train_backbone:
-        ee.backbone.load_state_dict(part("backbone."))
+        load_backbone_state(ee, config.train_backbone, part("backbone."))
         best["backbone"] = part("best_backbone.")
     load_optimizer_state(optimizer, tensors, meta["optimizer"])
     generator.set_state(tensors["rng.generator"])

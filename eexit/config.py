@@ -31,6 +31,8 @@ GATE_FEATURES = ("max_prob", "entropy", "margin", "entropy_pow")
 HISTORY_FEATURES = ("prev_max_prob", "agree_prev", "agree_run", "kl_prev")
 #: Gate formulations (DESIGN.md): the default consistent hazard gates, and the paper's additive gates.
 GATE_KINDS = ("hazard", "paper")
+#: What ``FitConfig.train_backbone`` accepts: frozen, every weight, or only a PEFT (LoRA) adapter's.
+TRAIN_BACKBONE = (False, True, "lora")
 
 _C = TypeVar("_C", bound="_JsonConfig")
 
@@ -197,7 +199,10 @@ class FitConfig(_JsonConfig):
             ``"measured"`` (the cost table's FLOPs, as the authors' current code) or ``"depth"`` (the depth
             fraction (block + 1) / depth, as their paper-time code, ``reference/jei-dnn.md`` §4 pitfall 2).
             Reported costs are always the measured ones.
-        train_backbone: fine-tune the backbone too (the paper's end-to-end variant), with ``backbone_lr``.
+        train_backbone: fine-tune the backbone too (the paper's end-to-end variant), with ``backbone_lr``:
+            ``True`` trains every backbone weight; ``"lora"``, the cheap variant, trains only the PEFT adapter's
+            trainable parameters (what PEFT marked ``requires_grad``) of a backbone attached as a ``peft.PeftModel``,
+            the base weights staying frozen; ``False`` keeps the backbone frozen.
         backbone_lr: learning rate of the backbone parameters when ``train_backbone`` is set.
         cache_features: compute each exit's pooled features once and reuse them every epoch. ``None`` (auto)
             caches whenever the backbone is frozen. Turn it off when the train loader augments its images.
@@ -225,7 +230,7 @@ class FitConfig(_JsonConfig):
     gate_fit: Literal["auto", "sgd", "exact"] = "auto"
     gate_data: Literal["auto", "train", "val"] = "auto"
     ic: Literal["measured", "depth"] = "measured"
-    train_backbone: bool = False
+    train_backbone: bool | Literal["lora"] = False
     backbone_lr: float = 1e-4
     cache_features: bool | None = None
     select: Literal["best", "last"] = "best"
@@ -259,6 +264,12 @@ class FitConfig(_JsonConfig):
         _check_choice("optimizer", self.optimizer, ["sgd", "adamw"])
         _check_choice("select", self.select, ["best", "last"])
         _check_choice("ic", self.ic, ["measured", "depth"])
+        if not isinstance(self.train_backbone, bool) and self.train_backbone != "lora":
+            raise EexitValueError(
+                f"train_backbone={self.train_backbone!r} is not allowed; expected one of {list(TRAIN_BACKBONE)}: "
+                "False (frozen backbone), True (train every backbone weight) or 'lora' (train only the LoRA / PEFT "
+                "adapter of a backbone wrapped with peft.get_peft_model)."
+            )
         _check_positive("lr", self.lr)
         _check_positive("backbone_lr", self.backbone_lr)
         _check_positive("momentum", self.momentum, allow_zero=True)
@@ -269,8 +280,8 @@ class FitConfig(_JsonConfig):
             raise EexitValueError(f"min_lr ({self.min_lr}) must not exceed lr ({self.lr}).")
         if self.cache_features and self.train_backbone:
             raise EexitValueError(
-                "cache_features=True cannot be combined with train_backbone=True: the features change as the "
-                "backbone trains. Leave cache_features=None (auto)."
+                f"cache_features=True cannot be combined with train_backbone={self.train_backbone!r}: the features "
+                "change as the backbone trains. Leave cache_features=None (auto)."
             )
 
     def resolved(self, gates: str) -> FitConfig:

@@ -8,6 +8,10 @@
   any error the model is detached again, so it is left as it was.
 * :func:`push_to_hub` uploads the three files in one commit; :func:`load_adapter` adds a named adapter.
 
+A PEFT-wrapped backbone (``ee.peft_model``): its PEFT adapter is written next to the exits by peft itself, in
+``peft_adapter/`` (``adapter_config.json`` + ``adapter_model.safetensors``), pushed with them, and loaded back
+(safetensors only) by :func:`eexit.from_pretrained` onto the plain backbone; the fingerprint covers its weights.
+
 Several adapters (PEFT's layout): ``save_pretrained(ee, d, selected_adapters=[...])`` writes the adapter named
 ``"default"`` to ``d`` and every other one to ``d/<name>/``; each folder is a complete adapter, loaded with
 ``subfolder="<name>"``. The file format is documented in ``adapters/README.md``.
@@ -18,6 +22,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import tempfile
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
-from ._disk import read_folder, write_folder
+from ._disk import read_folder, stage_peft, write_folder
 from ._fingerprint import backbone_fingerprint, check_fingerprint, check_structure, fingerprint_info, spec_for
 from ._format import (
     BACKUP_NAME,
@@ -36,6 +41,7 @@ from ._format import (
     SavedAdapter,
     build_files,
 )
+from ._peft import PEFT_FILES, PEFT_FOLDER, split_peft
 from .adapters import AdapterRecord, check_adapter_name
 from .errors import AdapterError, EexitError
 
@@ -50,9 +56,12 @@ __all__ = [
     "CONFIG_NAME",
     "WEIGHTS_NAME",
     "backbone_fingerprint",
+    "check_pretrained",
     "install_adapter",
     "load_adapter",
+    "peft_adapter_folder",
     "push_to_hub",
+    "read_adapter_files",
     "read_pretrained",
     "save_pretrained",
 ]
@@ -71,7 +80,7 @@ def _named_record(ee: EarlyExitModel, name: str | None) -> tuple[str, AdapterRec
 
 def _adapter_files(ee: EarlyExitModel, name: str | None, base_model: str | None, revision: str | None) -> AdapterFiles:
     name, record = _named_record(ee, name)
-    backbone = {"base_model": None, "revision": None, **ee.spec.describe(ee.backbone), **fingerprint_info(ee.backbone)}
+    backbone = {"base_model": None, "revision": None, **ee.spec.describe(ee.backbone), **fingerprint_info(ee)}
     backbone["family"] = ee.spec.name
     if base_model is not None:
         backbone["base_model"] = base_model
@@ -94,6 +103,9 @@ def save_pretrained(
     """Write an adapter to a folder: ``eexit_config.json``, ``eexit_adapter.safetensors`` and ``README.md``.
 
     Writes are atomic: an interrupted save leaves the previous adapter loadable. An existing README.md is kept.
+    When the backbone is a ``peft.PeftModel`` (``ee.peft_model``), its active PEFT adapter is written too, by
+    peft, into ``peft_adapter/`` of every folder written (safetensors and JSON), so that
+    :func:`eexit.from_pretrained` can rebuild the adapted backbone from the plain one.
 
     Args:
         ee: the model holding the adapter.
@@ -108,6 +120,10 @@ def save_pretrained(
 
     Returns:
         The folder written.
+
+    Raises:
+        AdapterError: bad arguments, or a PeftModel holding several PEFT adapters (the fingerprint covers them all,
+            but only the active one would be saved).
     """
     if not safe_serialization:
         raise AdapterError(
@@ -128,10 +144,29 @@ def save_pretrained(
         for name in selected_adapters:
             _check_name(name)  # every adapter but "default" becomes a subfolder of its name
         targets = [(name, root if name == "default" else root / name) for name in selected_adapters]
+    peft_model = _savable_peft(ee, [folder for _, folder in targets], root)
     built = [(folder, _adapter_files(ee, name, base_model, base_model_revision)) for name, folder in targets]
     for folder, files in built:
-        write_folder(folder, files)
+        write_folder(folder, files, peft_model)
     return root
+
+
+def _savable_peft(ee: EarlyExitModel, folders: list[Path], root: Path) -> Any:
+    """``ee.peft_model`` when its adapter can be saved next to the exits (``None`` for a plain backbone)."""
+    peft_model = ee.peft_model
+    if peft_model is None:
+        return None
+    if len(peft_model.peft_config) > 1:
+        raise AdapterError(
+            f"the PeftModel holds several PEFT adapters ({sorted(peft_model.peft_config)}); the exits' fingerprint "
+            "covers them all, but one folder holds one. Remove the unused ones with peft_model.delete_adapter(name) "
+            "(or merge them) before attaching."
+        )
+    if root / PEFT_FOLDER in folders:
+        raise AdapterError(
+            f"an adapter named {PEFT_FOLDER!r} would be saved where the backbone's PEFT adapter goes; rename it."
+        )
+    return peft_model
 
 
 # ---------------------------------------------------------------------------------------------- locating
@@ -190,11 +225,7 @@ def _download(repo_id: str, subfolder: str | None, revision: str | None, **hub: 
     try:
         config = Path(hf_hub_download(filename=CONFIG_NAME, revision=revision, **kwargs))
         # Pin the tensors to the commit the config came from, so a concurrent push cannot mix two adapters.
-        parts = config.parts
-        commit = next(
-            (parts[i + 1] for i in range(len(parts) - 1) if parts[i] == "snapshots" and _COMMIT.match(parts[i + 1])),
-            revision,
-        )
+        commit = _snapshot_commit(config) or revision
         tensors = Path(hf_hub_download(filename=WEIGHTS_NAME, revision=commit, **kwargs))
     except EexitError:
         raise
@@ -203,6 +234,65 @@ def _download(repo_id: str, subfolder: str | None, revision: str | None, **hub: 
     if tensors.parent != config.parent:
         raise AdapterError(f"the Hub returned the files of {repo_id!r} from two commits; load it again.")
     return config.parent
+
+
+def _snapshot_commit(path: Path) -> str | None:
+    """The commit of a file in the Hugging Face cache (``.../snapshots/<commit>/...``), if it is one."""
+    parts = path.parts
+    return next(
+        (parts[i + 1] for i in range(len(parts) - 1) if parts[i] == "snapshots" and _COMMIT.match(parts[i + 1])),
+        None,
+    )
+
+
+def _download_peft(repo_id: str, subfolder: str | None, folder: Path, **hub: Any) -> Path | None:
+    """Download the PEFT adapter saved next to an eexit adapter, at the eexit adapter's commit (``None``: none)."""
+    from huggingface_hub import hf_hub_download
+
+    from ._version import __version__
+
+    commit = _snapshot_commit(folder / CONFIG_NAME)
+    sub = f"{subfolder}/{PEFT_FOLDER}" if subfolder else PEFT_FOLDER
+    paths = []
+    for name in PEFT_FILES:
+        try:
+            paths.append(
+                Path(
+                    hf_hub_download(
+                        repo_id,
+                        filename=name,
+                        subfolder=sub,
+                        revision=commit,
+                        library_name="eexit",
+                        library_version=__version__,
+                        **hub,
+                    )
+                )
+            )
+        except Exception as err:
+            if _is_hub_error(err, "EntryNotFoundError"):
+                return None
+            raise _hub_error(err, repo_id, commit) from err
+    return paths[0].parent
+
+
+def peft_adapter_folder(
+    saved: SavedAdapter,
+    folder: Path,
+    path_or_repo_id: str | os.PathLike[str],
+    subfolder: str | None,
+    **hub: Any,
+) -> Path | None:
+    """The folder of the PEFT adapter saved next to the eexit adapter in ``folder`` (downloaded from the Hub if the
+    adapter came from there), or ``None`` when the adapter's backbone had none or it was not saved with it."""
+    if not saved.backbone.get("peft"):
+        return None
+    local = folder / PEFT_FOLDER
+    if local.is_dir():
+        return local
+    if Path(path_or_repo_id).expanduser().is_dir():
+        return None
+    return _download_peft(str(path_or_repo_id), subfolder, folder, **hub)
 
 
 def _adapter_folder(
@@ -231,7 +321,18 @@ def _read_adapter(
     path_or_repo_id: str | os.PathLike[str], subfolder: str | None, revision: str | None, **hub: Any
 ) -> tuple[SavedAdapter, dict[str, Any]]:
     """Find, read and fully validate an adapter's config and tensors (touches no model)."""
-    return read_folder(_adapter_folder(path_or_repo_id, subfolder, revision, **hub))
+    saved, state, _ = read_adapter_files(path_or_repo_id, subfolder=subfolder, revision=revision, **hub)
+    return saved, state
+
+
+def read_adapter_files(
+    path_or_repo_id: str | os.PathLike[str], *, subfolder: str | None, revision: str | None, **hub: Any
+) -> tuple[SavedAdapter, dict[str, Any], Path]:
+    """Find, read and fully validate an adapter's config and tensors (touches no model); also returns the local
+    folder they are in (a Hub download's snapshot folder), where a PEFT adapter saved with them is looked for."""
+    folder = _adapter_folder(path_or_repo_id, subfolder, revision, **hub)
+    saved, state = read_folder(folder)
+    return saved, state, folder
 
 
 def _check_name(adapter_name: object) -> None:
@@ -252,22 +353,34 @@ def read_pretrained(
 ) -> tuple[SavedAdapter, dict[str, Any], Any, dict[str, Any]]:
     """Read and check an adapter for the bare backbone ``model``, touching nothing.
 
-    The first half of :func:`eexit.from_pretrained` (which then attaches and calls :func:`install_adapter`), with
-    its arguments (``hub``: ``cache_dir``, ``token``, ``local_files_only``): returns the saved adapter, its tensors,
-    the spec to attach with and the keyword arguments for attach.
+    :func:`read_adapter_files`, :func:`check_pretrained` and :func:`~eexit._fingerprint.check_fingerprint` in one
+    call, with :func:`eexit.from_pretrained`'s arguments (``hub``: ``cache_dir``, ``token``, ``local_files_only``):
+    returns the saved adapter, its tensors, the spec to attach with and the keyword arguments for attach. It loads
+    no PEFT adapter (``from_pretrained`` does, between these steps).
     """
+    _check_name(adapter_name)
+    saved, state, _ = read_adapter_files(path_or_repo_id, subfolder=subfolder, revision=revision, **hub)
+    spec, attach_kwargs = check_pretrained(model, saved, attach_kwargs)
+    check_fingerprint(saved, spec, model, ignore_fingerprint)
+    return saved, state, spec, attach_kwargs
+
+
+def check_pretrained(
+    model: nn.Module, saved: SavedAdapter, attach_kwargs: dict[str, Any]
+) -> tuple[Any, dict[str, Any]]:
+    """Check that ``model`` (a backbone, or a PeftModel around one) can carry the saved adapter: same family,
+    head, width and depth. Returns the spec to attach with and the keyword arguments for attach; the weights'
+    fingerprint is checked apart (:func:`~eexit._fingerprint.check_fingerprint`)."""
     if not isinstance(model, nn.Module):
         raise AdapterError(f"from_pretrained expects the backbone (a torch.nn.Module), got {type(model).__name__}.")
-    _check_name(adapter_name)
-    saved, state = _read_adapter(path_or_repo_id, subfolder, revision, **hub)
+    base, _ = split_peft(model)
     attach_kwargs = dict(attach_kwargs)
-    spec = spec_for(model, saved, attach_kwargs.pop("spec", None), attach_kwargs.pop("backbone", None))
-    check_structure(saved, spec, model)
-    check_fingerprint(saved, spec, model, ignore_fingerprint)
-    if "input_size" not in attach_kwargs and None in spec.input_shape(model) and saved.cost_table.input_shape:
+    spec = spec_for(base, saved, attach_kwargs.pop("spec", None), attach_kwargs.pop("backbone", None))
+    check_structure(saved, spec, base)
+    if "input_size" not in attach_kwargs and None in spec.input_shape(base) and saved.cost_table.input_shape:
         attach_kwargs["input_size"] = tuple(saved.cost_table.input_shape)
     attach_kwargs.setdefault("num_classes", saved.num_classes)
-    return saved, state, spec, attach_kwargs
+    return spec, attach_kwargs
 
 
 def install_adapter(ee: EarlyExitModel, saved: SavedAdapter, state: dict[str, Any], adapter_name: str) -> None:
@@ -347,7 +460,7 @@ def load_adapter(
             f"{saved.source} does not fit this model's exits (saved vs here): {'; '.join(differ)}. "
             "Load it with eexit.from_pretrained onto the bare backbone instead."
         )
-    check_fingerprint(saved, ee.spec, ee.backbone, ignore_fingerprint)
+    check_fingerprint(saved, ee.spec, ee, ignore_fingerprint)
     # The adapter's own τ goes with it: set_adapter switches to it.
     record = AdapterRecord(
         state, saved.fit_config, list(saved.history or []), saved.evaluation, theirs.threshold, saved.boosted
@@ -374,7 +487,9 @@ def push_to_hub(
 ) -> CommitInfo:
     """Upload an adapter to the Hub: the repo is created if needed, then ONE commit adds the three files.
 
-    The files are built in memory (nothing is written locally); the card is freshly generated.
+    The files are built in memory; the card is freshly generated. For a PEFT-wrapped backbone the same commit adds
+    its PEFT adapter under ``peft_adapter/`` (written by peft to a temporary folder first), as
+    :func:`save_pretrained` lays it out.
 
     Args:
         ee: the model holding the adapter.
@@ -393,6 +508,7 @@ def push_to_hub(
     from huggingface_hub import CommitOperationAdd, HfApi
 
     files = _adapter_files(ee, adapter_name, base_model, base_model_revision)
+    peft_files = _peft_files(ee)  # before the repo is created: a PeftModel that cannot be saved is refused first
     api = HfApi(token=token)
     url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
     repo_id = getattr(url, "repo_id", None) or repo_id  # "name" becomes "user/name"
@@ -402,7 +518,18 @@ def push_to_hub(
         CommitOperationAdd(path_in_repo=name, path_or_fileobj=data)
         for name, data in ((CONFIG_NAME, files.config), (WEIGHTS_NAME, files.tensors), (CARD_NAME, files.card()))
     ]
+    operations += [CommitOperationAdd(path_in_repo=name, path_or_fileobj=data) for name, data in peft_files]
     message = commit_message or f"Upload eexit adapter {files.meta['adapter_name']!r}"
     return api.create_commit(
         repo_id, operations, commit_message=message, revision=revision, create_pr=create_pr, repo_type="model"
     )
+
+
+def _peft_files(ee: EarlyExitModel) -> list[tuple[str, bytes]]:
+    """The PEFT adapter's files as ``(path in the repo, bytes)``, for a PEFT-wrapped backbone (else none)."""
+    peft_model = _savable_peft(ee, [], Path())
+    if peft_model is None:
+        return []
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = stage_peft(Path(tmp), peft_model, "push")
+        return [(f"{PEFT_FOLDER}/{p.name}", p.read_bytes()) for p in sorted(folder.iterdir()) if p.is_file()]

@@ -62,6 +62,9 @@ class EarlyExitModel(nn.Module):
 
     For a staged backbone (the Dynamic Perceiver) ``heads[k]`` is a trainable copy of the model's own exit
     classifier k and the last exit is its final classifier; everything else works the same.
+
+    For a PEFT-wrapped backbone, ``backbone`` is the model the ``peft.PeftModel`` wraps (its injected LoRA layers
+    run in every exit) and ``peft_model`` the PeftModel itself, which :meth:`detach` hands back.
     """
 
     #: Marks models whose ``.backbone`` is the user's model (read by the fingerprint, which cannot import this).
@@ -75,9 +78,14 @@ class EarlyExitModel(nn.Module):
         num_classes: int,
         config: ExitConfig,
         driver: Driver | None = None,
+        peft_model: nn.Module | None = None,
     ) -> None:
         super().__init__()
         self.backbone = backbone
+        # Kept outside the module tree: it wraps `backbone`, whose parameters would otherwise be listed twice.
+        self.__dict__["_peft_model"] = peft_model
+        #: Names (in ``backbone``) of the parameters PEFT marked trainable, read before attach froze them.
+        self.peft_trainable: list[str] = []
         self.spec = spec
         self.config = config
         self.num_classes = num_classes
@@ -113,6 +121,11 @@ class EarlyExitModel(nn.Module):
         self.gates.eval()
 
     # ------------------------------------------------------------------ structure
+    @property
+    def peft_model(self) -> nn.Module | None:
+        """The ``peft.PeftModel`` the backbone came wrapped in (``None`` for a plain backbone)."""
+        return self.__dict__["_peft_model"]
+
     @property
     def num_exits(self) -> int:
         """E: the IMs plus the backbone's own head when it has one."""
@@ -253,7 +266,9 @@ class EarlyExitModel(nn.Module):
         """Take the backbone over: freeze it, put it in eval mode and install the driver (its hooks, if any).
 
         Every flag and mode changed is recorded, and :meth:`detach` puts them back. :func:`eexit.attach` calls
-        this once, after the model was built (so a configuration the driver refuses changes nothing).
+        this once, after the model was built (so a configuration the driver refuses changes nothing). A PeftModel's
+        flags and modes are recorded whole (the wrapper included), and the parameters PEFT marked trainable are
+        kept in :attr:`peft_trainable` for ``fit(train_backbone="lora")``.
 
         Args:
             on_detach: called by :meth:`detach` once the backbone is restored.
@@ -261,11 +276,14 @@ class EarlyExitModel(nn.Module):
         if self._restore is not None:
             raise EexitValueError("these exits are installed already.")
         model = self.backbone
-        grad_flags = [(p, p.requires_grad) for p in model.parameters()]
-        modes = [(m, m.training) for m in model.modules()]
+        owner = self.peft_model if self.peft_model is not None else model
+        if self.peft_model is not None:
+            self.peft_trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+        grad_flags = [(p, p.requires_grad) for p in owner.parameters()]
+        modes = [(m, m.training) for m in owner.modules()]
         for p, _ in grad_flags:
             p.requires_grad_(False)
-        model.eval()
+        owner.eval()
         param = next(model.parameters(), None)
         if param is not None:
             self.heads.to(device=param.device, dtype=param.dtype)
@@ -287,13 +305,13 @@ class EarlyExitModel(nn.Module):
         """Remove the exits and restore the backbone exactly as it was; returns the backbone.
 
         Undoes what :func:`eexit.attach` recorded (hooks, ``requires_grad`` flags, training modes); the same as
-        :func:`eexit.detach`.
+        :func:`eexit.detach`. A backbone attached as a ``peft.PeftModel`` is returned as that PeftModel.
         """
         if self._restore is None:
             raise EexitValueError("these exits are already detached.")
         self._restore()
         self._restore = None
-        return self.backbone
+        return self.peft_model if self.peft_model is not None else self.backbone
 
     def default_policy(self, threshold: float | None = None) -> GatePolicy:
         """The gates' deterministic rule for this model's gate kind, at ``threshold`` (default ``config.threshold``)."""

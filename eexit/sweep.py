@@ -108,7 +108,7 @@ def sweep_lambda(
 
     Every λ starts from the adapter state ``ee`` holds when called (so the runs are independent) and is stored
     as a named adapter ``f"{adapter_prefix}{lam:g}"``; the active adapter is left as it was. The backbone must
-    stay frozen (``train_backbone=True`` changes the features, so there is nothing to share).
+    stay frozen (``train_backbone=True`` or ``"lora"`` changes the features, so there is nothing to share).
 
     Args:
         ee: the model :func:`eexit.attach` returned.
@@ -137,7 +137,7 @@ def sweep_lambda(
     if train_backbone or cache is False:
         raise EexitValueError(
             "sweep_lambda shares one pass of a frozen backbone between all λ, but got train_backbone="
-            f"{train_backbone} / cache_features={cache}. Call eexit.fit once per λ instead."
+            f"{train_backbone!r} / cache_features={cache}. Call eexit.fit once per λ instead."
         )
     names = [f"{adapter_prefix}{lam:g}" for lam in values]
     clashes = sorted(set(names) & set(ee.adapter_names)) or sorted({n for n in names if names.count(n) > 1})

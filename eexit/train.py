@@ -32,7 +32,16 @@ from tqdm.auto import tqdm
 
 from ._fingerprint import backbone_fingerprint
 from ._fit_data import GateStream, batches, check_cache, feature_cache, use_cache
-from .checkpoint import FitRun, data_identity, load_fit_checkpoint, save_fit_checkpoint
+from ._peft import lora_fix
+from .checkpoint import (
+    FitRun,
+    backbone_parameters,
+    backbone_state,
+    data_identity,
+    load_backbone_state,
+    load_fit_checkpoint,
+    save_fit_checkpoint,
+)
 from .config import FitConfig
 from .data import FeatureCache, check_loader
 from .distributed import Dist, current
@@ -242,17 +251,35 @@ def _solve_gates(
     return solved
 
 
-def _snapshot(ee: EarlyExitModel, with_backbone: bool) -> dict[str, Any]:
+def _snapshot(ee: EarlyExitModel, train_backbone: bool | str) -> dict[str, Any]:
     snap: dict[str, Any] = {"adapter": ee.adapter_state_dict()}
-    if with_backbone:
-        snap["backbone"] = {k: v.detach().clone() for k, v in ee.backbone.state_dict().items()}
+    if train_backbone:
+        snap["backbone"] = backbone_state(ee, train_backbone)
     return snap
 
 
-def _restore(ee: EarlyExitModel, snap: dict[str, Any]) -> None:
+def _restore(ee: EarlyExitModel, snap: dict[str, Any], train_backbone: bool | str) -> None:
     ee.load_adapter_state_dict(snap["adapter"])
     if "backbone" in snap:
-        ee.backbone.load_state_dict(snap["backbone"])
+        load_backbone_state(ee, train_backbone, snap["backbone"])
+
+
+def _check_lora(ee: EarlyExitModel) -> None:
+    """Refuse ``train_backbone="lora"`` on a model without a PEFT adapter to train, saying how to get one."""
+    if ee.peft_model is None:
+        blocks = ee.spec.blocks(ee.backbone)
+        raise EexitValueError(
+            f"train_backbone='lora' trains the LoRA adapter of a PEFT-wrapped backbone, but this "
+            f"{type(ee.backbone).__name__} was attached without one. Wrap it first: "
+            f"{lora_fix(blocks[0][1] if blocks else None)}; or pass train_backbone=True to train every weight."
+        )
+    if not ee.peft_trainable:
+        raise EexitValueError(
+            "train_backbone='lora', but no parameter of the PeftModel was trainable when it was attached (PEFT "
+            "adapters are loaded frozen, for inference, by PeftModel.from_pretrained and eexit.from_pretrained). "
+            "Attach a PeftModel loaded with PeftModel.from_pretrained(model, path, is_trainable=True), or a new "
+            "LoRA from peft.get_peft_model."
+        )
 
 
 _AUTOCAST = {None: None, "no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -272,6 +299,12 @@ def fit(
     **overrides: Any,
 ) -> list[dict[str, float]]:
     """Train the exits (and optionally the backbone) with JEI-DNN, in one process or under ``accelerate launch``.
+
+    ``train_backbone=True`` fine-tunes every backbone weight with the exits (the paper's end-to-end variant);
+    ``train_backbone="lora"`` is its cheap variant for a backbone attached as a ``peft.PeftModel``: only the
+    parameters PEFT marked trainable (the LoRA weights, and any ``modules_to_save``) learn, with ``backbone_lr``,
+    jointly with the IMs and gates, while the base weights stay frozen. Both run the backbone every epoch (no
+    feature cache); ``ee.save_pretrained`` then writes the trained LoRA next to the exits.
 
     Under a multi-process launcher (``accelerate launch --num_processes N``, ``torchrun``) the same call trains
     on N processes: each computes its share of every global batch (the loaders' batches, or ``batch_size`` rows
@@ -310,7 +343,8 @@ def fit(
 
     Raises:
         EexitValueError: bad settings, empty loaders, labels outside the class range, NaN/Inf inputs, a
-            checkpoint from other settings or another backbone.
+            checkpoint from other settings or another backbone, ``train_backbone="lora"`` on a backbone that is
+            not a PeftModel (or has nothing trainable).
         TrainingError: the loss became NaN/Inf; the adapter is reset to the last good state before raising.
     """
     if not isinstance(ee, EarlyExitModel):
@@ -325,6 +359,8 @@ def fit(
         overrides["lam"] = lam
     config = replace(config or FitConfig(), **overrides) if overrides else (config or FitConfig())
     config = config.resolved(ee.config.gates)  # every "auto" made explicit: the record says what ran
+    if config.train_backbone == "lora":
+        _check_lora(ee)
     check_loader(train_loader, "train_loader")
     check_loader(val_loader, "val_loader")
     for name, source in (("train_loader", train_loader), ("val_loader", val_loader)):
@@ -336,7 +372,7 @@ def fit(
 
     grad_flags = [(p, p.requires_grad) for p in ee.backbone.parameters()]
     if config.train_backbone:
-        for p in ee.backbone.parameters():
+        for p in backbone_parameters(ee, config.train_backbone).values():
             p.requires_grad_(True)
         ee.backbone_trainable = True
     try:
@@ -436,7 +472,7 @@ def _fit_loop(
                 loss.backward()
             global_loss = dist.sync_grads(params, loss if loss is not None else torch.zeros((), device=device))
             if not torch.isfinite(global_loss):
-                _restore(ee, good)
+                _restore(ee, good, config.train_backbone)
                 raise TrainingError(
                     f"the {phase.value} loss became {global_loss.item()} at epoch {epoch}; training stopped and the "
                     "adapter was reset to the last good state (end of the previous epoch). Lower lr, check the "
@@ -489,5 +525,5 @@ def _fit_loop(
                     error = err
             dist.agree(error, f"writing the checkpoint of epoch {epoch}")
     if config.select == "best" and math.isfinite(best_objective):
-        _restore(ee, best_state)
+        _restore(ee, best_state, config.train_backbone)
     return history

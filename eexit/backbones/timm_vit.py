@@ -55,6 +55,7 @@ class TimmTokenSpec(BackboneSpec):
     def input_shape(self, model: nn.Module) -> tuple[int | None, int | None, int | None]:
         embed = getattr(model, "patch_embed", None)
         proj = getattr(embed, "proj", None)
+        proj = getattr(proj, "base_layer", proj)  # a PEFT (LoRA) layer wraps the conv it adapts
         channels = int(proj.in_channels) if isinstance(proj, nn.Conv2d) else None
         if getattr(embed, "strict_img_size", False) and not getattr(embed, "dynamic_img_size", False):
             height, width = embed.img_size
