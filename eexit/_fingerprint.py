@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from ._peft import PEFT_FOLDER, adapter_tensors, describe_peft, is_peft_model
+from ._peft import PEFT_FOLDER, adapter_settings, adapter_tensors, describe_peft, is_peft_model
 from .errors import AdapterError, EexitError, EexitValueError
 
 if TYPE_CHECKING:
@@ -47,6 +47,7 @@ __all__ = [
     "fingerprint_info",
     "made_for",
     "spec_for",
+    "state_fingerprint",
     "structure_fingerprint",
 ]
 
@@ -108,6 +109,11 @@ def backbone_fingerprint(model: nn.Module) -> str:
     return _digest(_entries(model))
 
 
+def state_fingerprint(state: dict[str, Any]) -> str:
+    """:func:`backbone_fingerprint` of a state dict (or any part of one): names, dtypes, shapes and values."""
+    return _digest(_sorted_entries(state))
+
+
 def _digest(entries: list[tuple[str, torch.Tensor]]) -> str:
     digest = hashlib.sha256(_SALT)
     for name, tensor in entries:
@@ -136,7 +142,10 @@ def fingerprint_info(model: nn.Module) -> dict[str, Any]:
     """What an adapter records about its backbone's weights (stored under ``backbone`` in the config).
 
     For a PEFT-wrapped backbone (a PeftModel, or an EarlyExitModel attached to one) it adds ``peft``: the PEFT
-    adapter's type, name and targets, and a digest of its own tensors, which explain a mismatch in words.
+    adapter's type, name and targets, a digest of its own tensors (which explain a mismatch in words), and its
+    non-tensor settings (``config``, ``layers``: :func:`~eexit._peft.adapter_settings`), which change the outputs
+    (``lora_alpha``, rsLoRA, ``fan_in_fan_out``, disabled layers...) but no tensor, and which
+    :func:`check_fingerprint` compares too.
     """
     backbone = _backbone(model)
     info: dict[str, Any] = {
@@ -147,7 +156,11 @@ def fingerprint_info(model: nn.Module) -> dict[str, Any]:
     }
     wrapper = _peft_wrapper(model)
     if wrapper is not None:
-        info["peft"] = {**describe_peft(wrapper), "fingerprint": _digest(_sorted_entries(adapter_tensors(wrapper)))}
+        info["peft"] = {
+            **describe_peft(wrapper),
+            "fingerprint": _digest(_sorted_entries(adapter_tensors(wrapper))),
+            **adapter_settings(wrapper),
+        }
     return info
 
 
@@ -159,20 +172,44 @@ def _explain_peft(saved: dict[str, Any] | None, current: dict[str, Any] | None) 
 
     if saved and not current:
         return (
-            f"the adapter's backbone carried {what(saved)} (PEFT), but this model is the plain backbone: load the "
-            f"adapter from a folder that holds the PEFT adapter next to it ({PEFT_FOLDER}/, which "
-            "eexit.from_pretrained then loads), or wrap the model with peft.PeftModel.from_pretrained(model, "
-            "<that LoRA>) first"
+            f"the adapter's backbone carried {what(saved)} (PEFT), but this model is the plain backbone. "
+            f"eexit.from_pretrained(model, path) loads the PEFT adapter saved next to the exits ({PEFT_FOLDER}/) onto "
+            "the plain backbone (for exits attached already, take the backbone back with model = ee.detach() "
+            f"first); if the folder lacks {PEFT_FOLDER}/, wrap the model with peft.PeftModel.from_pretrained(model, "
+            "<that PEFT adapter>) and pass the PeftModel"
         )
     if current and not saved:
         return (
             f"this model carries {what(current)} (PEFT), but the adapter was trained on the plain backbone: load "
-            "it onto peft_model.unload() instead"
+            "it onto a fresh copy of the plain base model (not peft_model.unload(), which would strip this model's "
+            "LoRA for good)"
         )
     if saved and current and saved.get("fingerprint") != current.get("fingerprint"):
         return (
             f"this model carries another PEFT adapter ({what(current)}; the adapter's backbone had {what(saved)}, "
             "with other weights): load it onto the backbone with the LoRA it was trained with"
+        )
+    return None
+
+
+def _settings_mismatch(saved: dict[str, Any] | None, current: dict[str, Any] | None) -> str | None:
+    """Which non-tensor PEFT settings differ between the adapter's backbone and this one (``None``: none, or
+    nothing recorded to compare: an adapter saved before eexit recorded them)."""
+    if not saved or not current or "config" not in saved:
+        return None
+    theirs, ours = saved.get("config") or {}, current.get("config") or {}
+    differ = [f"{k}: {theirs.get(k)!r} saved, {ours.get(k)!r} here" for k in sorted({*theirs, *ours})
+              if theirs.get(k) != ours.get(k)]  # fmt: skip
+    if differ:
+        return (
+            f"its PEFT adapter has other settings than the one the exits were trained with ({'; '.join(differ)}), "
+            "which change the outputs although every tensor is the same"
+        )
+    if saved.get("layers") and saved.get("layers") != current.get("layers"):
+        return (
+            "its PEFT layers are scaled, disabled or merged differently than when the exits were trained (e.g. after "
+            "set_scale, disable_adapter_layers or merge_adapter), which changes the outputs although every tensor "
+            "is the same"
         )
     return None
 
@@ -292,14 +329,21 @@ def check_fingerprint(saved: SavedAdapter, spec: BackboneSpec, model: nn.Module,
         )
         return
     current = fingerprint_info(model)
-    if current["fingerprint"] == recorded:
+    settings = _settings_mismatch(saved.backbone.get("peft"), current.get("peft"))
+    if current["fingerprint"] == recorded and settings is None:
         return
     base = spec.describe(_backbone(model)).get("base_model")
-    message = (
-        f"{saved.source} was made for {made_for(saved)} with weights {recorded}, but the model passed "
-        f"({type(model).__name__}{', ' + base if base else ''}) has weights {current['fingerprint']}: "
-        f"{explain_mismatch(saved.backbone, current)}."
-    )
+    if current["fingerprint"] == recorded:
+        message = (
+            f"{saved.source} was made for {made_for(saved)}, and the model passed ({type(model).__name__}"
+            f"{', ' + base if base else ''}) has its weights, but {settings}."
+        )
+    else:
+        message = (
+            f"{saved.source} was made for {made_for(saved)} with weights {recorded}, but the model passed "
+            f"({type(model).__name__}{', ' + base if base else ''}) has weights {current['fingerprint']}: "
+            f"{explain_mismatch(saved.backbone, current)}."
+        )
     if ignore:
         warnings.warn(
             message + " Loading anyway (ignore_fingerprint=True); its exits may be wrong.", UserWarning, stacklevel=3

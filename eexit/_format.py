@@ -44,6 +44,7 @@ __all__ = [
     "AdapterFiles",
     "SavedAdapter",
     "build_files",
+    "config_bytes",
     "parse_config",
     "read_tensors",
     "safetensors_bytes",
@@ -217,7 +218,7 @@ def build_files(ee: EarlyExitModel, name: str, record: AdapterRecord, backbone: 
             "shapes": {k: list(v.shape) for k, v in state.items()},
         },
     }
-    config = (json.dumps(meta, indent=2, sort_keys=True, allow_nan=False) + "\n").encode()
+    config = config_bytes(meta)
     widths = ", ".join(str(w) for w in ee.feature_layout()[0])
     if isinstance(ee.spec, StagedSpec):
         exits = f"fine-tuned copies of the backbone's own exit classifiers, on its stage features of width {widths}"
@@ -225,6 +226,11 @@ def build_files(ee: EarlyExitModel, name: str, record: AdapterRecord, backbone: 
         head = ee.config.head + (f", hidden {ee.config.head_hidden}" if ee.config.head_hidden else "")
         exits = f"{head} heads on features of width {widths}"
     return AdapterFiles(config=config, tensors=tensors, meta=meta, exits=exits)
+
+
+def config_bytes(meta: dict[str, Any]) -> bytes:
+    """The bytes of ``eexit_config.json`` for ``meta`` (sorted keys, no NaN)."""
+    return (json.dumps(meta, indent=2, sort_keys=True, allow_nan=False) + "\n").encode()
 
 
 def _type_names(types: tuple[type | None, ...]) -> str:

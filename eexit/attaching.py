@@ -18,7 +18,7 @@ from typing import Any
 from torch import nn
 
 from ._fingerprint import check_fingerprint
-from ._peft import is_peft_model, split_peft, wrap_with_saved_adapter
+from ._peft import check_not_injected, is_peft_model, split_peft, wrap_with_saved_adapter
 from .adapters import check_adapter_name
 from .backbones.base import BackboneSpec, StagedSpec, find_spec
 from .config import ExitConfig
@@ -196,7 +196,9 @@ def from_pretrained(
     An adapter trained on a PEFT-wrapped backbone was saved with its PEFT adapter (``peft_adapter/``). Given the
     plain backbone, that PEFT adapter is loaded first (safetensors only; the model becomes the base of a new
     ``peft.PeftModel``, which ``ee.peft_model`` holds and ``ee.detach()`` returns; a failed load takes it out
-    again); given a PeftModel, its PEFT adapter must be the one the exits were trained with (fingerprint).
+    again, leaving every module and weight as it was); given a PeftModel, its PEFT adapter must be the one the
+    exits were trained with (fingerprint of its tensors and of its settings, e.g. ``lora_alpha``). A model that
+    is the base of a PeftModel (or otherwise holds PEFT layers) is refused: pass the PeftModel itself.
 
     Args:
         model: the backbone the adapter was trained on (not an EarlyExitModel), or the PeftModel around it.
@@ -211,8 +213,11 @@ def from_pretrained(
         **attach_kwargs: passed to :func:`eexit.attach` (``spec=``, ``input_size=``, ``threshold=``, ...).
 
     Raises:
-        AdapterError: the files are missing, unreadable, inconsistent or from a newer format, or the adapter
-            was made for another backbone (family, head, width, depth or weights, the PEFT adapter's included).
+        AdapterError: the files are missing, unreadable, inconsistent or from a newer format, the adapter
+            was made for another backbone (family, head, width, depth or weights, the PEFT adapter's weights and
+            settings included), or its PEFT adapter would go into a model that already holds PEFT layers (pass
+            the PeftModel itself).
+        BackboneError: the model is a PeftModel whose adapter is prompt learning, or it already has exits.
     """
     if isinstance(model, EarlyExitModel):
         raise AdapterError(
@@ -224,8 +229,16 @@ def from_pretrained(
     saved, state, folder = read_adapter_files(path_or_repo_id, subfolder=subfolder, revision=revision, **hub)
     spec, attach_kwargs = check_pretrained(model, saved, attach_kwargs)  # family and shapes, before any change
     undo_peft = None
-    if not is_peft_model(model):
-        peft_folder = peft_adapter_folder(saved, folder, path_or_repo_id, subfolder, **hub)
+    if not is_peft_model(model) and saved.backbone.get("peft"):
+        # Refused before anything is injected: PEFT layers on an attached backbone, or on top of a LoRA already
+        # there, could not be taken out again without losing what was there.
+        if model in _ATTACHED:
+            raise BackboneError(
+                f"this {type(model).__name__} already has exits attached; call ee.detach() (or eexit.detach(ee)) "
+                "before loading an adapter onto it, or use ee.load_adapter(path, name) to add one to it."
+            )
+        check_not_injected(model)
+        peft_folder = peft_adapter_folder(saved, folder, path_or_repo_id, subfolder, revision, **hub)
         if peft_folder is not None:
             model, undo_peft = wrap_with_saved_adapter(model, peft_folder, saved.backbone["peft"]["adapter_name"])
     try:

@@ -2,7 +2,8 @@
 
 A checkpoint is a folder ``epoch-<k>-<tag>/`` with ``state.safetensors`` (every tensor: the adapter, the best epoch's
 adapter, the optimiser's buffers, the random generators' states; with ``train_backbone`` the backbone tensors the
-fit trains: all of them, or with ``"lora"`` the PEFT adapter's only) and ``state.json`` (everything else: epoch,
+fit trains: all of them, or with ``"lora"`` the PEFT adapter's trainable parameters and the buffers of the PEFT-only
+modules that train with them) and ``state.json`` (everything else: epoch,
 phase counter, history, the optimiser's hyper-parameters). Only safetensors and JSON are read back, so resuming
 never unpickles anything. The folder is written under a temporary name and renamed, then ``latest.json`` is
 replaced to point at it (an atomic rename): a fit killed while saving leaves the previous checkpoint as the
@@ -27,6 +28,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from ._fingerprint import state_fingerprint
 from .config import FitConfig
 from .distributed import Dist
 from .errors import EexitValueError
@@ -36,8 +38,10 @@ if TYPE_CHECKING:
 
 __all__ = [
     "FitRun",
+    "backbone_identity",
     "backbone_parameters",
     "backbone_state",
+    "check_backbone_state",
     "load_backbone_state",
     "load_fit_checkpoint",
     "load_optimizer_state",
@@ -164,12 +168,51 @@ def backbone_parameters(ee: EarlyExitModel, train_backbone: bool | str) -> dict[
     return {name: named[name] for name in ee.peft_trainable} if train_backbone == "lora" else named
 
 
+def _lora_tensors(ee: EarlyExitModel) -> dict[str, torch.Tensor]:
+    """The live backbone tensors a ``"lora"`` fit changes: the trainable PEFT parameters, and the (persistent)
+    buffers of the PEFT-only modules in train mode meanwhile (:attr:`EarlyExitModel.peft_train_modules`: e.g. a
+    BatchNorm inside a ``modules_to_save`` copy). Nothing of the base model: it stays in eval mode, frozen."""
+    out: dict[str, torch.Tensor] = dict(backbone_parameters(ee, "lora"))
+    persistent = set(ee.backbone.state_dict(keep_vars=True))
+    for prefix in ee.peft_train_modules:
+        for name, buffer in ee.backbone.get_submodule(prefix).named_buffers(prefix=prefix):
+            if name in persistent:
+                out[name] = buffer
+    return out
+
+
 def backbone_state(ee: EarlyExitModel, train_backbone: bool | str) -> dict[str, torch.Tensor]:
-    """A copy of the backbone tensors a fit changes: its whole state dict (``True``), or the PEFT adapter's
-    trainable parameters only (``"lora"``; the frozen base is not copied); what a snapshot and a checkpoint keep."""
+    """A copy of the backbone tensors a fit changes: its whole state dict (``True``), or with ``"lora"`` the PEFT
+    adapter's trainable parameters and its train-mode modules' buffers (the frozen base is not copied); what a
+    snapshot and a checkpoint keep."""
     if train_backbone == "lora":
-        return {k: v.detach().clone() for k, v in backbone_parameters(ee, "lora").items()}
+        return {k: v.detach().clone() for k, v in _lora_tensors(ee).items()}
     return {k: v.detach().clone() for k, v in ee.backbone.state_dict().items()} if train_backbone else {}
+
+
+def backbone_identity(ee: EarlyExitModel, train_backbone: bool | str) -> str | None:
+    """What a checkpoint records of the backbone it was written on, to refuse resuming onto another one: the
+    fingerprint of the whole backbone when it is frozen, of everything but what the fit trains with ``"lora"``
+    (the base weights, and the LoRA layout), and ``None`` with ``True`` (the checkpoint holds the whole backbone)."""
+    if train_backbone is True:
+        return None
+    state = ee.backbone.state_dict()
+    if train_backbone == "lora":
+        trained = set(_lora_tensors(ee))
+        state = {k: v for k, v in state.items() if k not in trained}
+    return state_fingerprint(state)
+
+
+def check_backbone_state(ee: EarlyExitModel, train_backbone: bool | str, state: dict[str, torch.Tensor]) -> None:
+    """Refuse, before anything is loaded, a saved LoRA state that does not name exactly the tensors trained here."""
+    if train_backbone != "lora":
+        return
+    here = _lora_tensors(ee)
+    if set(state) != set(here):
+        raise EexitValueError(
+            f"the saved LoRA state names other tensors than this model's PEFT adapter trains ({len(state)} saved, "
+            f"{len(here)} here); resume with the same PeftModel, or use another checkpoint_dir."
+        )
 
 
 def load_backbone_state(ee: EarlyExitModel, train_backbone: bool | str, state: dict[str, torch.Tensor]) -> None:
@@ -177,15 +220,10 @@ def load_backbone_state(ee: EarlyExitModel, train_backbone: bool | str, state: d
     if train_backbone != "lora":
         ee.backbone.load_state_dict(state)
         return
-    params = backbone_parameters(ee, "lora")
-    if set(state) != set(params):
-        raise EexitValueError(
-            f"the saved LoRA state names other tensors than this model's PEFT adapter trains ({len(state)} saved, "
-            f"{len(params)} here); resume with the same PeftModel, or use another checkpoint_dir."
-        )
+    check_backbone_state(ee, train_backbone, state)
     with torch.no_grad():
-        for name, param in params.items():
-            param.copy_(state[name])
+        for name, tensor in _lora_tensors(ee).items():
+            tensor.copy_(state[name])
 
 
 def save_fit_checkpoint(
@@ -235,9 +273,11 @@ def load_fit_checkpoint(
             "with the same settings, or use another checkpoint_dir to start afresh."
         )
     if meta.get("backbone") != run.identity["backbone"]:
+        lora = " (with train_backbone='lora': its base weights, or the layout of its PEFT adapter)"
         raise EexitValueError(
-            f"the checkpoint in {run.checkpoint_dir} was written for another backbone (its weights differ); resume "
-            "on the same backbone, or use another checkpoint_dir."
+            f"the checkpoint in {run.checkpoint_dir} was written for another backbone"
+            f"{lora if config.train_backbone == 'lora' else ''} (its weights differ); resume on the same backbone, "
+            "or use another checkpoint_dir."
         )
     if meta.get("data") != run.identity["data"]:
         raise EexitValueError(
@@ -248,6 +288,9 @@ def load_fit_checkpoint(
     def part(prefix: str) -> dict[str, torch.Tensor]:
         return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
 
+    if config.train_backbone:  # checked before anything is loaded: a refused resume leaves ee as it was
+        check_backbone_state(ee, config.train_backbone, part("backbone."))
+        check_backbone_state(ee, config.train_backbone, part("best_backbone."))
     ee.load_adapter_state_dict(part("adapter."))
     best: dict[str, Any] = {"adapter": part("best.")}
     if config.train_backbone:

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
-from ._disk import read_folder, stage_peft, write_folder
+from ._disk import find_peft_folder, peft_files_match, read_folder, stage_peft, write_folder
 from ._fingerprint import backbone_fingerprint, check_fingerprint, check_structure, fingerprint_info, spec_for
 from ._format import (
     BACKUP_NAME,
@@ -159,8 +159,8 @@ def _savable_peft(ee: EarlyExitModel, folders: list[Path], root: Path) -> Any:
     if len(peft_model.peft_config) > 1:
         raise AdapterError(
             f"the PeftModel holds several PEFT adapters ({sorted(peft_model.peft_config)}); the exits' fingerprint "
-            "covers them all, but one folder holds one. Remove the unused ones with peft_model.delete_adapter(name) "
-            "(or merge them) before attaching."
+            "covers them all, but one folder holds one. Remove the unused ones with "
+            "ee.peft_model.delete_adapter(name) (it works while attached), or merge them."
         )
     if root / PEFT_FOLDER in folders:
         raise AdapterError(
@@ -245,13 +245,18 @@ def _snapshot_commit(path: Path) -> str | None:
     )
 
 
-def _download_peft(repo_id: str, subfolder: str | None, folder: Path, **hub: Any) -> Path | None:
-    """Download the PEFT adapter saved next to an eexit adapter, at the eexit adapter's commit (``None``: none)."""
+def _download_peft(repo_id: str, subfolder: str | None, folder: Path, revision: str | None, **hub: Any) -> Path:
+    """Download the PEFT adapter saved next to an eexit adapter, at the eexit adapter's commit (else ``revision``).
+
+    Every file is asked for (a file already in the cache costs nothing), so a snapshot holding part of an earlier
+    download is completed. The eexit config records the PEFT adapter, so a file the repo lacks is an error, and so
+    is one that is not in the cache while the Hub cannot be reached (never "no PEFT adapter").
+    """
     from huggingface_hub import hf_hub_download
 
     from ._version import __version__
 
-    commit = _snapshot_commit(folder / CONFIG_NAME)
+    commit = _snapshot_commit(folder / CONFIG_NAME) or revision
     sub = f"{subfolder}/{PEFT_FOLDER}" if subfolder else PEFT_FOLDER
     paths = []
     for name in PEFT_FILES:
@@ -270,8 +275,19 @@ def _download_peft(repo_id: str, subfolder: str | None, folder: Path, **hub: Any
                 )
             )
         except Exception as err:
+            # LocalEntryNotFoundError (offline, not cached) subclasses EntryNotFoundError: ask for it first.
+            if _is_hub_error(err, "LocalEntryNotFoundError"):
+                raise AdapterError(
+                    f"the eexit adapter {repo_id!r} was trained on a PEFT-wrapped backbone and needs {sub}/{name}, "
+                    "which is not in the local Hugging Face cache while the Hub cannot be reached (offline, "
+                    "HF_HUB_OFFLINE=1 or local_files_only=True). Connect once to download it."
+                ) from err
             if _is_hub_error(err, "EntryNotFoundError"):
-                return None
+                raise AdapterError(
+                    f"the Hub repo {repo_id!r} (commit {commit}) lacks {sub}/{name}, which its eexit config says "
+                    "was saved with the exits (the backbone's PEFT adapter); push the adapter again with "
+                    "ee.push_to_hub() from the PEFT-wrapped backbone."
+                ) from err
             raise _hub_error(err, repo_id, commit) from err
     return paths[0].parent
 
@@ -281,18 +297,28 @@ def peft_adapter_folder(
     folder: Path,
     path_or_repo_id: str | os.PathLike[str],
     subfolder: str | None,
+    revision: str | None = None,
     **hub: Any,
 ) -> Path | None:
     """The folder of the PEFT adapter saved next to the eexit adapter in ``folder`` (downloaded from the Hub if the
-    adapter came from there), or ``None`` when the adapter's backbone had none or it was not saved with it."""
+    adapter came from there), or ``None`` when the adapter's backbone had none or a local folder lacks it (the
+    fingerprint check then says "plain backbone").
+
+    Raises:
+        AdapterError: the adapter came from the Hub and its PEFT files are missing there, or not cached offline.
+    """
     if not saved.backbone.get("peft"):
         return None
-    local = folder / PEFT_FOLDER
-    if local.is_dir():
-        return local
     if Path(path_or_repo_id).expanduser().is_dir():
-        return None
-    return _download_peft(str(path_or_repo_id), subfolder, folder, **hub)
+        return find_peft_folder(folder, saved)
+    downloaded = _download_peft(str(path_or_repo_id), subfolder, folder, revision, **hub)
+    recorded = saved.backbone["peft"].get("files")
+    if recorded and not peft_files_match(downloaded, recorded):
+        raise AdapterError(
+            f"the PEFT adapter downloaded from {path_or_repo_id!r} ({downloaded}) does not have the sha256 its eexit "
+            "config records; push the adapter again with ee.push_to_hub() from the PEFT-wrapped backbone."
+        )
+    return downloaded
 
 
 def _adapter_folder(
@@ -315,14 +341,6 @@ def _adapter_folder(
             "Hub repo id such as 'org/name'."
         )
     return _download(path_or_repo_id, subfolder, revision, **hub)
-
-
-def _read_adapter(
-    path_or_repo_id: str | os.PathLike[str], subfolder: str | None, revision: str | None, **hub: Any
-) -> tuple[SavedAdapter, dict[str, Any]]:
-    """Find, read and fully validate an adapter's config and tensors (touches no model)."""
-    saved, state, _ = read_adapter_files(path_or_repo_id, subfolder=subfolder, revision=revision, **hub)
-    return saved, state
 
 
 def read_adapter_files(
@@ -356,7 +374,9 @@ def read_pretrained(
     :func:`read_adapter_files`, :func:`check_pretrained` and :func:`~eexit._fingerprint.check_fingerprint` in one
     call, with :func:`eexit.from_pretrained`'s arguments (``hub``: ``cache_dir``, ``token``, ``local_files_only``):
     returns the saved adapter, its tensors, the spec to attach with and the keyword arguments for attach. It loads
-    no PEFT adapter (``from_pretrained`` does, between these steps).
+    no PEFT adapter (``from_pretrained`` does, between these steps), so for an adapter saved with one
+    (``peft_adapter/``) it only accepts the PeftModel already carrying that PEFT adapter: given the plain backbone,
+    the fingerprint check refuses it ("plain backbone"). Use :func:`eexit.from_pretrained` to load both.
     """
     _check_name(adapter_name)
     saved, state, _ = read_adapter_files(path_or_repo_id, subfolder=subfolder, revision=revision, **hub)
@@ -442,8 +462,13 @@ def load_adapter(
         AdapterError: the files are bad, the name is taken, or the adapter does not fit this model.
     """
     ee.adapters.check_new(adapter_name, AdapterError)
-    saved, state = _read_adapter(
-        path_or_repo_id, subfolder, revision, cache_dir=cache_dir, token=token, local_files_only=local_files_only
+    saved, state, _ = read_adapter_files(
+        path_or_repo_id,
+        subfolder=subfolder,
+        revision=revision,
+        cache_dir=cache_dir,
+        token=token,
+        local_files_only=local_files_only,
     )
     spec_for(ee.backbone, saved, ee.spec, None)
     check_structure(saved, ee.spec, ee.backbone)

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from ._checks import all_finite, nonfinite_graph_field
+from ._peft import adapter_subtrees
 from .adapters import AdapterRecord, AdapterSet
 from .backbones.base import BackboneSpec, StagedSpec
 from .config import ExitConfig, FitConfig
@@ -86,6 +87,8 @@ class EarlyExitModel(nn.Module):
         self.__dict__["_peft_model"] = peft_model
         #: Names (in ``backbone``) of the parameters PEFT marked trainable, read before attach froze them.
         self.peft_trainable: list[str] = []
+        #: Names (in ``backbone``) of the PEFT-only submodules ``fit(train_backbone="lora")`` puts in train mode.
+        self.peft_train_modules: list[str] = []
         self.spec = spec
         self.config = config
         self.num_classes = num_classes
@@ -254,12 +257,19 @@ class EarlyExitModel(nn.Module):
         """Set heads and gates to ``mode``; the backbone follows only while it is being trained.
 
         A frozen backbone stays in eval mode, so dropout, drop-path and BatchNorm statistics never change the
-        features the exits learn from.
+        features the exits learn from. While ``fit(train_backbone="lora")`` trains a PEFT adapter, the base model
+        stays in eval mode too and only the PEFT-only modules holding its trainable parameters
+        (:attr:`peft_train_modules`: LoRA layers and their dropout, ``modules_to_save`` copies) follow ``mode``.
         """
         self.training = mode
         self.heads.train(mode)
         self.gates.train(mode)
-        self.backbone.train(mode and self.backbone_trainable)
+        if self.backbone_trainable == "lora":
+            self.backbone.eval()
+            for name in self.peft_train_modules:
+                self.backbone.get_submodule(name).train(mode)
+        else:
+            self.backbone.train(mode and bool(self.backbone_trainable))
         return self
 
     def install(self, on_detach: Callable[[], None] | None = None) -> None:
@@ -279,6 +289,7 @@ class EarlyExitModel(nn.Module):
         owner = self.peft_model if self.peft_model is not None else model
         if self.peft_model is not None:
             self.peft_trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+            self.peft_train_modules = adapter_subtrees(model)
         grad_flags = [(p, p.requires_grad) for p in owner.parameters()]
         modes = [(m, m.training) for m in owner.modules()]
         for p, _ in grad_flags:

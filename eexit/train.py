@@ -23,6 +23,7 @@ import enum
 import logging
 import math
 import os
+import warnings
 from collections.abc import Iterable
 from dataclasses import replace
 from typing import Any
@@ -30,11 +31,11 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ._fingerprint import backbone_fingerprint
 from ._fit_data import GateStream, batches, check_cache, feature_cache, use_cache
 from ._peft import lora_fix
 from .checkpoint import (
     FitRun,
+    backbone_identity,
     backbone_parameters,
     backbone_state,
     data_identity,
@@ -270,15 +271,24 @@ def _check_lora(ee: EarlyExitModel) -> None:
         blocks = ee.spec.blocks(ee.backbone)
         raise EexitValueError(
             f"train_backbone='lora' trains the LoRA adapter of a PEFT-wrapped backbone, but this "
-            f"{type(ee.backbone).__name__} was attached without one. Wrap it first: "
-            f"{lora_fix(blocks[0][1] if blocks else None)}; or pass train_backbone=True to train every weight."
+            f"{type(ee.backbone).__name__} was attached without one. Take the backbone back with model = "
+            f"ee.detach(), then wrap it: {lora_fix(blocks[0][1] if blocks else None)}; or pass "
+            "train_backbone=True to train every weight."
+        )
+    if len(ee.peft_model.peft_config) > 1:
+        raise EexitValueError(
+            f"train_backbone='lora', but the PeftModel holds several PEFT adapters "
+            f"({sorted(ee.peft_model.peft_config)}); the exits trained with one could not be saved with it. Remove "
+            "the unused ones first: ee.peft_model.delete_adapter(name) (it works while attached)."
         )
     if not ee.peft_trainable:
         raise EexitValueError(
             "train_backbone='lora', but no parameter of the PeftModel was trainable when it was attached (PEFT "
             "adapters are loaded frozen, for inference, by PeftModel.from_pretrained and eexit.from_pretrained). "
-            "Attach a PeftModel loaded with PeftModel.from_pretrained(model, path, is_trainable=True), or a new "
-            "LoRA from peft.get_peft_model."
+            "To train further an adapter saved with ee.save_pretrained(dir), load its LoRA trainable: "
+            'model = ee.detach(); pm = peft.PeftModel.from_pretrained(<a fresh plain base model>, "<dir>/'
+            'peft_adapter", is_trainable=True); ee = eexit.from_pretrained(pm, "<dir>"). Or attach a new LoRA '
+            "from peft.get_peft_model."
         )
 
 
@@ -361,6 +371,14 @@ def fit(
     config = config.resolved(ee.config.gates)  # every "auto" made explicit: the record says what ran
     if config.train_backbone == "lora":
         _check_lora(ee)
+    elif config.train_backbone and ee.peft_model is not None:
+        warnings.warn(
+            "train_backbone=True on a backbone attached as a peft.PeftModel trains every base weight as well as the "
+            "PEFT adapter, and the base weights are not saved with the exits; to train only the LoRA pass "
+            "train_backbone='lora'.",
+            UserWarning,
+            stacklevel=2,
+        )
     check_loader(train_loader, "train_loader")
     check_loader(val_loader, "val_loader")
     for name, source in (("train_loader", train_loader), ("val_loader", val_loader)):
@@ -374,7 +392,7 @@ def fit(
     if config.train_backbone:
         for p in backbone_parameters(ee, config.train_backbone).values():
             p.requires_grad_(True)
-        ee.backbone_trainable = True
+        ee.backbone_trainable = config.train_backbone  # True, or "lora": the base stays in eval mode
     try:
         history = _fit_loop(ee, train_loader, val_loader, config, generator, run)
     finally:
@@ -415,7 +433,7 @@ def _fit_loop(
     step, start = 0, 0
     gate_passes = gate_position = 0
     if run.checkpoint_dir is not None:  # what a checkpoint must match to be resumed; hashed once per fit
-        fingerprint = None if config.train_backbone else backbone_fingerprint(ee.backbone)
+        fingerprint = backbone_identity(ee, config.train_backbone)
         run.identity = {"backbone": fingerprint, "data": [data_identity(train_src), data_identity(val_src)]}
     if run.resume:
         error: BaseException | None = None

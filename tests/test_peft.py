@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -107,8 +108,9 @@ def test_attach_sees_through_the_peft_model(family):
     assert ee.backbone is pm.get_base_model() and ee.peft_model is pm
     assert ee.peft_trainable and all("lora_" in n or "modules_to_save" in n for n in ee.peft_trainable)
     assert not any(p.requires_grad for p in pm.parameters()) and not pm.training
-    # the exits' module tree does not list the wrapped model twice
-    assert not any(name.startswith("_peft_model") for name, _ in ee.named_modules())
+    # the exits' module tree holds the wrapped model once: the PeftModel and its tuner are not submodules of ee
+    assert not any(m is pm or m is pm.base_model for m in ee.modules())
+    assert len(ee.state_dict()) == sum(len(m.state_dict()) for m in ee.children())
     with torch.no_grad():
         out = ee(x, all_exits=True)
     torch.testing.assert_close(out.logits[-1], before)  # the last exit is the LoRA-adapted head
@@ -225,22 +227,24 @@ def test_every_zoo_backbone_takes_exits_through_a_peft_model(name):
 
 
 def test_prompt_learning_peft_models_are_refused():
-    class PromptConfig:
-        is_prompt_learning = True
-        peft_type = "PREFIX_TUNING"
-
-    class Fake:
-        def __init__(self) -> None:
-            self.peft_config = {"default": PromptConfig()}
-
+    # peft cannot build a prompt-learning PeftModel around a vision model without a text config; a real
+    # PeftModel whose adapter config is a prompt-learning one goes through the same public path (attach).
+    pm = with_lora("timm")
+    pm.peft_config["default"] = peft.PrefixTuningConfig(num_virtual_tokens=2)
+    count = hooks(pm)
+    with pytest.raises(BackboneError, match=r"prompt learning \(PREFIX_TUNING\)"):
+        eexit.attach(pm)
     with pytest.raises(BackboneError, match="prompt learning"):
-        _peft._check_layer_injecting(Fake())
+        _peft.split_peft(pm)
+    assert hooks(pm) == count and any(p.requires_grad for p in pm.parameters())
 
 
 def test_fingerprint_covers_the_lora_weights():
     pm = with_lora("timm")
     info = fingerprint_info(pm)
-    assert info["fingerprint"] == backbone_fingerprint(pm.get_base_model())
+    assert any(".lora_B." in k for k in pm.get_base_model().state_dict())  # what the fingerprint reads
+    assert info["fingerprint"] == fingerprint_info(with_lora("timm"))["fingerprint"]  # deterministic
+    assert info["fingerprint"] != backbone_fingerprint(with_lora("timm", lora_seed=7))  # another LoRA
     assert info["peft"]["peft_type"] == "LORA" and info["peft"]["adapter_name"] == "default"
     assert info["peft"]["target_modules"] == ["qkv"]
     assert info["fingerprint"] != backbone_fingerprint(plain("timm"))
@@ -301,13 +305,13 @@ def test_fit_lora_resumes_its_checkpoint_with_the_lora_weights(tmp_path):
         assert torch.equal(whole.backbone.get_parameter(name), resumed.backbone.get_parameter(name)), name
     for key, value in whole.adapter_state_dict().items():
         assert torch.equal(resumed.adapter_state_dict()[key], value), key
-    with pytest.raises(EexitValueError, match="LoRA state"):
+    with pytest.raises(EexitValueError, match=r"another backbone.*layout of its PEFT adapter"):
         run(True, target_modules=["qkv", "proj"])
 
 
 def test_lora_needs_a_peft_model_and_says_how():
     ee = eexit.attach(plain("timm"))
-    with pytest.raises(EexitValueError, match=r"get_peft_model.*target_modules=\['qkv'\]") as err:
+    with pytest.raises(EexitValueError, match=r"ee\.detach\(\).*get_peft_model.*target_modules=\['qkv'\]") as err:
         eexit.fit(ee, *_loaders(), train_backbone="lora", **{**LORA_FIT, "epochs": 1})
     assert "eexit[peft]" not in str(err.value)
     hf = eexit.attach(plain("hf"))
@@ -327,7 +331,8 @@ def test_lora_with_nothing_trainable_is_refused():
     for p in pm.parameters():
         p.requires_grad_(False)  # what PeftModel.from_pretrained gives without is_trainable=True
     ee = eexit.attach(pm)
-    with pytest.raises(EexitValueError, match="is_trainable=True"):
+    fix = r'PeftModel\.from_pretrained\(.*"<dir>/peft_adapter", is_trainable=True\); ee = eexit\.from_pretrained\(pm'
+    with pytest.raises(EexitValueError, match=fix):
         eexit.fit(ee, *_loaders(), train_backbone="lora", **{**LORA_FIT, "epochs": 1})
 
 
@@ -412,9 +417,11 @@ def test_plain_backbone_without_the_peft_folder_is_refused_clearly(tmp_path):
 def test_another_lora_is_refused_clearly(tmp_path):
     _trained("timm").save_pretrained(tmp_path)
     other = with_lora("timm", lora_seed=7)
+    before, weights = _untouched_state(other), {k: v.clone() for k, v in other.state_dict().items()}
     with pytest.raises(AdapterError, match="another PEFT adapter"):
         eexit.from_pretrained(other, tmp_path)
-    assert not any(p.requires_grad is False for n, p in other.named_parameters() if "lora_" in n)  # untouched
+    assert _untouched_state(other) == before  # untouched: modules, flags, modes, hooks
+    assert all(torch.equal(v, other.state_dict()[k]) for k, v in weights.items())
 
 
 def test_plain_adapter_onto_a_peft_model_is_refused_clearly(tmp_path):
@@ -439,18 +446,31 @@ def test_a_failed_load_takes_the_injected_lora_out_again(tmp_path):
 
 
 def test_pickled_peft_weights_are_never_read(tmp_path, monkeypatch):
-    _trained("timm").save_pretrained(tmp_path)
+    ee = _trained("timm")
+    ee.save_pretrained(tmp_path)
+    x = images(3)
+    with torch.no_grad():
+        expected = ee(x, all_exits=True).logits
     folder = tmp_path / "peft_adapter"
-    (folder / "adapter_model.safetensors").rename(folder / "adapter_model.bin")
+    reads = []
 
     def refuse(*args, **kwargs):
+        reads.append(args)
         raise AssertionError("a pickle was read")
 
     monkeypatch.setattr(torch, "load", refuse)
+    # a pickle next to the safetensors: the safetensors are read, the pickle never (not even opened by torch)
+    (folder / "adapter_model.bin").write_bytes(b"not a pickle")
+    loaded = eexit.from_pretrained(plain("timm"), tmp_path)
+    with torch.no_grad():
+        assert torch.equal(loaded(x, all_exits=True).logits, expected)
+    assert not reads
+    # the pickle alone: refused before peft is asked to load anything
+    (folder / "adapter_model.safetensors").unlink()
     base = plain("timm")
     with pytest.raises(AdapterError, match="never loads"):
         eexit.from_pretrained(base, tmp_path)
-    assert not hasattr(base, "peft_config")
+    assert not hasattr(base, "peft_config") and not reads
 
 
 def test_a_failed_save_keeps_the_previous_files(tmp_path, monkeypatch):
@@ -521,3 +541,298 @@ def test_push_to_hub_carries_the_peft_adapter(fake_api, tmp_path, monkeypatch): 
     loaded = eexit.from_pretrained(plain("timm"), "org/lora-exits", cache_dir=cache)
     with torch.no_grad():
         assert torch.equal(loaded(x, all_exits=True).logits, ee(x, all_exits=True).logits)
+
+
+# ------------------------------------------------------------------------------------------ review fixes
+class _BNBlock(nn.Module):
+    """A token block with a BatchNorm and a Dropout in the base model, and a Linear (``proj``) LoRA adapts."""
+
+    def __init__(self, width: int = 16) -> None:
+        super().__init__()
+        self.proj, self.bn, self.drop = nn.Linear(width, width), nn.BatchNorm1d(width), nn.Dropout(0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.drop(self.bn(self.proj(x).transpose(1, 2)).transpose(1, 2))
+
+
+class _BNNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Conv2d(3, 16, 8, 8)
+        self.layers = nn.ModuleList(_BNBlock() for _ in range(3))
+        self.norm = nn.LayerNorm(16)
+        self.fc = nn.Linear(16, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.embed(x).flatten(2).transpose(1, 2)
+        for layer in self.layers:
+            x = layer(x)
+        return self.fc(self.norm(x).mean(1))
+
+
+_BN_SPEC = dict(spec=eexit.GenericSpec("layers", pool="mean", norm="norm", num_prefix_tokens=0, num_classes=5))
+
+
+def _modes_during_fit(ee: eexit.EarlyExitModel, modules: dict[str, nn.Module]) -> dict[str, set[bool]]:
+    """Record, on every forward during a fit, the training flag of each of ``modules`` (hooks removed after)."""
+    seen: dict[str, set[bool]] = {name: set() for name in modules}
+    handles = [
+        m.register_forward_pre_hook(lambda mod, args, name=name: seen[name].add(mod.training))
+        for name, m in modules.items()
+    ]
+    ee._test_handles = handles  # removed by the caller
+    return seen
+
+
+@pytest.mark.parametrize("family", ["bn", "timm"])
+def test_fit_lora_keeps_the_base_in_eval_mode_and_bit_identical(family):
+    """Review finding 1: only PEFT-only modules train; every state-dict entry of the base (BatchNorm running
+    statistics included) is bit-identical after fit("lora"), and the trained buffers are snapshot too."""
+    torch.manual_seed(0)
+    if family == "bn":
+        base = _BNNet()
+        torch.manual_seed(100)
+        pm = peft.get_peft_model(
+            base,
+            peft.LoraConfig(
+                r=2, target_modules=["proj"], modules_to_save=["layers.2.bn"], lora_dropout=0.1, init_lora_weights=False
+            ),
+        )
+        ee = eexit.attach(pm, input_size=(3, IMG, IMG), **_BN_SPEC)
+    else:
+        pm = with_lora("timm", lora_dropout=0.1)
+        ee = eexit.attach(pm)
+    model = ee.backbone
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    lora_layer = next(m for n, m in model.named_modules() if n.endswith("lora_A.default"))
+    kinds = (nn.BatchNorm1d, nn.LayerNorm, nn.Dropout)
+    base_modules = {
+        n: m
+        for n, m in model.named_modules()
+        if isinstance(m, kinds) and "lora_" not in n and "modules_to_save" not in n
+    }
+    seen = _modes_during_fit(ee, {"lora": lora_layer, **base_modules})
+    try:
+        eexit.fit(ee, *_loaders(), train_backbone="lora", **{**LORA_FIT, "select": "best"})
+    finally:
+        for handle in ee._test_handles:
+            handle.remove()
+    assert seen["lora"] == {True, False}  # trained, then validated
+    assert all(seen[n] <= {False} for n in base_modules), {n: seen[n] for n in base_modules if True in seen[n]}
+    assert any(seen[n] for n in base_modules if isinstance(base_modules[n], (nn.BatchNorm1d, nn.LayerNorm)))
+    trained = set(ee.peft_trainable) | {
+        f"{prefix}.{b}" for prefix in ee.peft_train_modules for b, _ in model.get_submodule(prefix).named_buffers()
+    }
+    after = model.state_dict()
+    changed = sorted(k for k in state if k not in trained and not torch.equal(state[k], after[k]))
+    assert not changed, changed
+    if family == "bn":  # the BatchNorm in modules_to_save did train (in train mode) and is part of the snapshot
+        copy = "layers.2.bn.modules_to_save.default.running_mean"
+        assert copy in trained and not torch.equal(state[copy], after[copy])
+        assert "layers.2.bn.original_module.running_mean" not in trained
+    assert not pm.training and not any(m.training for m in pm.modules())  # all back in eval while attached
+    ee.detach()
+
+
+def test_from_pretrained_refuses_the_base_of_a_peft_model(tmp_path):
+    """Review finding 2: the model inside a PeftModel is refused before anything is injected; its LoRA survives."""
+    _trained("timm").save_pretrained(tmp_path)
+    pm = with_lora("timm", seed=3)  # other base weights: a load would fail on the fingerprint
+    base = pm.get_base_model()
+    before, weights = _untouched_state(pm), {k: v.clone() for k, v in pm.state_dict().items()}
+    with pytest.raises(AdapterError, match="Pass the PeftModel itself"):
+        eexit.from_pretrained(base, tmp_path)
+    assert _untouched_state(pm) == before
+    assert all(torch.equal(v, pm.state_dict()[k]) for k, v in weights.items())
+
+
+def test_from_pretrained_refuses_an_attached_backbone_before_wrapping_it(tmp_path):
+    _trained("timm").save_pretrained(tmp_path)
+    model = plain("timm")
+    ee = eexit.attach(model)
+    before = _untouched_state(model)
+    with pytest.raises(BackboneError, match="already has exits"):
+        eexit.from_pretrained(model, tmp_path)
+    assert _untouched_state(model) == before
+    assert all(type(m).__module__.startswith(("timm", "torch")) for m in model.modules())
+    ee.detach()
+
+
+def test_a_failed_load_never_rewrites_the_base_weights(tmp_path):
+    """Review finding 3: an adapter saved with OLoRA init (which rewrites base weights when it initialises) is
+    injected with plain init, so a load that then fails gives back the base weights bit for bit."""
+    torch.manual_seed(100)
+    pm = peft.get_peft_model(
+        plain("timm"), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["qkv"], init_lora_weights="olora")
+    )
+    ee = eexit.attach(pm)
+    spread_exits(ee, images(64, seed=5))
+    ee.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "peft_adapter" / "adapter_config.json").read_text())["init_lora_weights"] == "olora"
+    base = plain("timm", seed=3)
+    weights = {k: v.clone() for k, v in base.state_dict().items()}
+    before = _untouched_state(base)
+    with pytest.raises(AdapterError, match="different weights"):
+        eexit.from_pretrained(base, tmp_path)
+    assert _untouched_state(base) == before
+    assert all(torch.equal(v, base.state_dict()[k]) for k, v in weights.items())
+
+
+def test_an_injection_failing_midway_leaves_no_peft_layer(tmp_path, monkeypatch):
+    _trained("timm").save_pretrained(tmp_path)
+    from peft.tuners.lora import LoraModel
+
+    real, calls = LoraModel._create_and_replace, []
+
+    def second_fails(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("out of memory")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(LoraModel, "_create_and_replace", second_fails)
+    base = plain("timm")
+    weights = {k: v.clone() for k, v in base.state_dict().items()}
+    before = _untouched_state(base)
+    with pytest.raises(AdapterError, match="out of memory"):
+        eexit.from_pretrained(base, tmp_path)
+    assert len(calls) == 2
+    assert _untouched_state(base) == before
+    assert all(type(m).__module__.startswith(("timm", "torch")) for m in base.modules())
+    assert all(torch.equal(v, base.state_dict()[k]) for k, v in weights.items())
+
+
+def test_lora_settings_are_part_of_the_fingerprint(tmp_path):
+    """Review finding 4: same tensors, other lora_alpha: other outputs, so refused, naming the setting."""
+    _trained("timm").save_pretrained(tmp_path)  # lora_alpha=8
+    other = with_lora("timm", lora_alpha=64)  # the same seeds: the same tensors
+    assert (
+        backbone_fingerprint(other)
+        == json.loads((tmp_path / "eexit_config.json").read_text())["backbone"]["fingerprint"]
+    )
+    with pytest.raises(AdapterError, match="lora_alpha: 8 saved, 64 here"):
+        eexit.from_pretrained(other, tmp_path)
+    # an edited adapter_config.json is refused (its sha256 is recorded), and the plain model is left as it was
+    path = tmp_path / "peft_adapter" / "adapter_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "lora_alpha": 64}))
+    base = plain("timm")
+    before = _untouched_state(base)
+    with pytest.raises(AdapterError, match="does not hold the PEFT adapter"):
+        eexit.from_pretrained(base, tmp_path)
+    assert _untouched_state(base) == before
+    # a scaling changed in place (no config change) is refused too
+    pm = with_lora("timm")
+    for m in pm.modules():
+        if hasattr(m, "set_scale") and hasattr(m, "scaling"):
+            m.set_scale("default", 3.0)
+    with pytest.raises(AdapterError, match="scaled, disabled or merged"):
+        eexit.from_pretrained(pm, tmp_path)
+
+
+def test_the_peft_adapter_is_loaded_strictly(tmp_path):
+    """Review finding 9: a saved PEFT adapter missing a tensor (or with one too many) is refused by name."""
+    from safetensors.torch import load_file, save_file
+
+    _trained("timm").save_pretrained(tmp_path)
+    # the files' sha256 (recorded since finding 5) would refuse the edit first: drop them, as in an older adapter
+    config = json.loads((tmp_path / "eexit_config.json").read_text())
+    config["backbone"]["peft"].pop("files", None)
+    (tmp_path / "eexit_config.json").write_text(json.dumps(config))
+    path = tmp_path / "peft_adapter" / "adapter_model.safetensors"
+    tensors = load_file(str(path))
+    dropped = sorted(k for k in tensors if "lora_B" in k)[0]
+    del tensors[dropped]
+    tensors["base_model.model.blocks.0.attn.qkv.lora_C.weight"] = torch.zeros(1)
+    save_file(tensors, str(path))
+    base = plain("timm")
+    before = _untouched_state(base)
+    with pytest.raises(AdapterError, match="missing keys") as err:
+        eexit.from_pretrained(base, tmp_path)
+    assert dropped in str(err.value) and "lora_C" in str(err.value)
+    assert _untouched_state(base) == before
+
+
+def test_fit_lora_resume_refuses_other_base_weights(tmp_path):
+    """Review finding 6: a "lora" checkpoint records the frozen base's fingerprint; resuming onto a PeftModel with
+    other base weights is refused before anything is loaded."""
+    fit = {**LORA_FIT, "epochs": 1, "warmup_epochs": 1}
+    eexit.fit(eexit.attach(with_lora("timm")), *_loaders(), train_backbone="lora", checkpoint_dir=tmp_path, **fit)
+    other = eexit.attach(with_lora("timm", seed=3))
+    exits = {k: v.clone() for k, v in other.adapter_state_dict().items()}
+    lora = {k: v.clone() for k, v in other.backbone.state_dict().items()}
+    with pytest.raises(EexitValueError, match=r"another backbone.*base weights"):
+        eexit.fit(other, *_loaders(), train_backbone="lora", checkpoint_dir=tmp_path, resume=True, **fit)
+    assert all(torch.equal(v, other.adapter_state_dict()[k]) for k, v in exits.items())
+    assert all(torch.equal(v, other.backbone.state_dict()[k]) for k, v in lora.items())
+
+
+@pytest.mark.parametrize("cached", [[], ["adapter_config.json"]])
+def test_hub_peft_files_missing_offline_are_an_error(fake_api, tmp_path, monkeypatch, cached):  # noqa: F811
+    """Review finding 7: offline, with the PEFT files (or one of them) not cached, the error says so; it never
+    reads as "the plain backbone" nor as "save the adapter again"."""
+    import huggingface_hub
+
+    cache = tmp_path / "hf-cache"
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    _trained("timm").push_to_hub("org/lora-exits")
+    [(_, operations, _)] = fake_api["create_commit"]
+    pushed = {op.path_in_repo: op.path_or_fileobj for op in operations}
+    keep = {k: v for k, v in pushed.items() if not k.startswith("peft_adapter/") or k.split("/")[-1] in cached}
+    hub_cache(cache, "org/lora-exits", {"main": keep})
+    base = plain("timm")
+    before = _untouched_state(base)
+    with pytest.raises(AdapterError, match="not in the local Hugging Face cache") as err:
+        eexit.from_pretrained(base, "org/lora-exits", cache_dir=cache, local_files_only=True)
+    assert "peft_adapter/" in str(err.value) and "plain backbone" not in str(err.value)
+    assert _untouched_state(base) == before
+
+
+def test_train_backbone_true_on_a_peft_model_warns_and_suggests_lora():
+    """Review finding 14."""
+    ee = eexit.attach(with_lora("timm"))
+    with pytest.warns(UserWarning, match="train_backbone='lora'"):
+        eexit.fit(ee, *_loaders(), train_backbone=True, **{**LORA_FIT, "epochs": 1})
+    ee.detach()
+
+
+def test_fit_lora_with_several_peft_adapters_is_refused_early():
+    pm = with_lora("timm")
+    pm.add_adapter("other", peft.LoraConfig(target_modules=["qkv"], r=2))
+    ee = eexit.attach(pm)
+    with pytest.raises(EexitValueError, match=r"several PEFT adapters.*delete_adapter"):
+        eexit.fit(ee, *_loaders(), train_backbone="lora", **{**LORA_FIT, "epochs": 1})
+
+
+@pytest.mark.parametrize("killed", ["between_the_swaps", "before_the_config"])
+def test_a_save_killed_midway_loads_the_previous_pair(tmp_path, killed):
+    """Review finding 5: what a save killed part-way leaves (laid out by hand, as a kill leaves it: no handler
+    runs) loads the consistent previous pair, with a warning; a PEFT folder matching nothing is refused."""
+    first = _trained("timm")
+    first.save_pretrained(tmp_path)
+    x = images(3)
+    with torch.no_grad():
+        expected = first(x, all_exits=True).logits
+        lora_b(first.peft_model).add_(1.0)  # the save that gets killed writes this new LoRA
+    newer = tmp_path.parent / f"{tmp_path.name}-newer"
+    first.save_pretrained(newer)
+    aside = tmp_path / ".peft_adapter.0123abcd.previous"
+    os.replace(tmp_path / "peft_adapter", aside)  # the old PEFT adapter moved aside ...
+    if killed == "before_the_config":
+        os.replace(newer / "peft_adapter", tmp_path / "peft_adapter")  # ... and the new one swapped in
+    with pytest.warns(UserWarning, match="interrupted"):
+        loaded = eexit.from_pretrained(plain("timm"), tmp_path)
+    with torch.no_grad():
+        assert torch.equal(loaded(x, all_exits=True).logits, expected)
+    # nothing left that matches the config: a clear error, never a silent load or "plain backbone"
+    shutil.rmtree(aside)
+    if killed == "between_the_swaps":
+        os.replace(newer / "peft_adapter", tmp_path / "peft_adapter")
+    with pytest.raises(AdapterError, match="interrupted"):
+        eexit.from_pretrained(plain("timm"), tmp_path)
+    # the next successful save cleans up what the killed one left
+    (tmp_path / ".peft_adapter.feedbeef.tmp").mkdir()
+    loaded.save_pretrained(tmp_path)
+    assert not list(tmp_path.glob(".peft_adapter.*"))
+    eexit.from_pretrained(plain("timm"), tmp_path).detach()

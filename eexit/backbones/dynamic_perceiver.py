@@ -17,9 +17,11 @@ As in the JEI-DNN authors' Dyn-Perceiver experiment (Regol et al., ICLR 2024; ``
   ``input_size`` (default: the model's ``pretrained_cfg``, 224 px) and the early-exit model accepts that size only.
 
 The four stages follow the paper's inference order (Fig. 6): stem ... SA3 -> exit 1; CNN stage 3, z2x4/x2z4,
-SA4 -> exit 2; CNN stage 4 -> exit 3; last z2x -> exit 4. They are
-:meth:`~eexit.models.dynamic_perceiver.DynPerceiver.forward_stages` without the classifiers (a test checks that
-they reproduce the model's own outputs bit for bit), and the state is shrunk with the model's own ``shrink``.
+SA4 -> exit 2; CNN stage 4 -> exit 3; last z2x -> exit 4. They run the model's own stage methods (``_trunk1`` ...
+``_trunk4``, which its ``forward`` and :meth:`~eexit.models.dynamic_perceiver.DynPerceiver.forward_stages` run
+too; a test checks that they reproduce the model's outputs bit for bit), and the state is shrunk with the model's
+own ``shrink``. The bare backbone's forward (the cost table's reference) is ``forward_exits``, all four exits as
+released; the model's own ``forward`` returns the merged logits in eval mode, as a timm classifier does.
 """
 
 from __future__ import annotations
@@ -28,10 +30,9 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ..errors import EexitTypeError
+from ..errors import EexitTypeError, EexitValueError
 from .base import StagedSpec, register_spec
 
 if TYPE_CHECKING:
@@ -65,6 +66,12 @@ class DynPerceiverSpec(StagedSpec):
 
     # ------------------------------------------------------------------ description
     def exit_classifiers(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
+        if model.classifier_merge is None or model.num_classes == 0:
+            raise EexitValueError(
+                f"This {type(model).__name__} has no final classifier (num_classes=0, reset_classifier(0) or "
+                "prune_intermediate_layers removed it), but eexit's final exit is its classifier_merge. Give it "
+                "classes first: model.reset_classifier(num_classes), or timm.create_model(name, num_classes=...)."
+            )
         return [(name, model.get_submodule(name)) for name in model.exit_names]
 
     def feature_width(self, model: nn.Module) -> int:
@@ -92,8 +99,13 @@ class DynPerceiverSpec(StagedSpec):
         size = (getattr(model, "pretrained_cfg", None) or {}).get("input_size")
         return tuple(int(s) for s in size) if size else None  # type: ignore[return-value]
 
+    def call(self, model: nn.Module, pixel_values: torch.Tensor) -> Any:
+        """The whole model with every exit (``forward_exits``): the bare backbone's cost is the released forward's."""
+        return model.forward_exits(pixel_values)
+
     def logits(self, output: Any) -> torch.Tensor:
-        return output[-1] if isinstance(output, (tuple, list)) else super().logits(output)  # y_merge
+        # forward_exits' tuple ends with y_merge; model(x) is y_merge itself in eval mode.
+        return output[-1] if isinstance(output, (tuple, list)) else super().logits(output)
 
     def describe(self, model: nn.Module) -> dict[str, Any]:
         info = super().describe(model)
@@ -133,7 +145,7 @@ class DynPerceiverSpec(StagedSpec):
         return _state(*tensors)
 
 
-# ---------------------------------------------------------------------- trunks: forward_stages minus classifiers
+# ---------------------------------------------------------------------- trunks: the model's stages minus classifiers
 def _state(x: torch.Tensor, z: torch.Tensor) -> DynPerceiverState:
     from ..models.dynamic_perceiver import DynPerceiverState
 
@@ -142,41 +154,26 @@ def _state(x: torch.Tensor, z: torch.Tensor) -> DynPerceiverState:
 
 def _trunk1(m: DynPerceiver, s: DynPerceiverState) -> tuple[DynPerceiverState, torch.Tensor]:
     """Stem, C-stage 1, then CNN stages 1-2 with C-stages 2-3; feature: the mean latent after SA3 [B, C3]."""
-    x = m.cnn_stem(s.x)
-    z = m.self_att1(m._x2z(0, x, s.z))
-    for i in (1, 2):
-        x = m._cnn_stage(i - 1)(x)
-        z = m._between(i - 1, z)
-        x = m._z2x(i, x, z)
-        z = getattr(m, f"self_att{i + 1}")(m._x2z(i, x, z))
+    x, z = m._trunk1(s.x, s.z)
     return _state(x, z), z.mean(dim=1)
 
 
 def _trunk2(m: DynPerceiver, s: DynPerceiverState) -> tuple[DynPerceiverState, torch.Tensor]:
     """CNN stage 3, reshape latent, z2x4, x2z4, SA4; feature: the mean latent [B, C4]."""
-    x = m._cnn_stage(2)(s.x)
-    z = m._between(2, s.z)
-    x = m._z2x(3, x, z)
-    z = m.self_att4(m._x2z(3, x, z))
+    x, z = m._trunk2(s.x, s.z)
     return _state(x, z), z.mean(dim=1)
 
 
 def _trunk3(m: DynPerceiver, s: DynPerceiverState) -> tuple[DynPerceiverState, torch.Tensor]:
     """CNN stage 4; feature: the pooled map [B, C_out] (with the CNN head's dropout in training mode)."""
-    x = m._cnn_stage(3)(s.x)
-    pooled = F.dropout(m.avgpool(x).flatten(1), m.config.cnn_drop_rate, m.training)
-    return _state(x, s.z), pooled
+    x = m._trunk3(s.x)
+    return _state(x, s.z), m._cnn_feature(x)
 
 
 def _trunk4(m: DynPerceiver, s: DynPerceiverState) -> tuple[DynPerceiverState, torch.Tensor]:
     """Last z2x cross-attention; feature: [pooled final map, mean latent] [B, C_out + C4]."""
-    from ..models._perceiver_layers import map_to_tokens, tokens_to_map
-
-    x = s.x
-    if m.last_cross_att_z2x is not None:
-        h, w = x.shape[-2:]
-        x = tokens_to_map(m.last_cross_att_z2x(map_to_tokens(x), s.z), h, w)
-    return _state(x, s.z), torch.cat((m.avgpool(x).flatten(1), s.z.mean(dim=1)), dim=1)
+    x = m._trunk4(s.x, s.z)
+    return _state(x, s.z), m._merge_feature(x, s.z)
 
 
 _TRUNKS = (_trunk1, _trunk2, _trunk3, _trunk4)

@@ -9,6 +9,7 @@ while an *expander* widens their channels.
 Attribute names follow the released code (``q_proj``, ``cross_attn``, ``self_attn``, ``mlp.layernorm`` ...)
 so that its checkpoints load by name. Attention is written with explicit matrix products, not
 ``scaled_dot_product_attention``: the result is the same, and ``FlopCounterMode`` counts it on every device.
+Every layer is plain tensor code, so it compiles with TorchScript and traces with torch.fx.
 """
 
 from __future__ import annotations
@@ -234,7 +235,8 @@ class TokenMixer(nn.Sequential):
 
     def forward(self, z: Tensor) -> Tensor:  # type: ignore[override]
         """Mix the tokens of the latent [B, N_in, C] into [B, N_out, C]."""
-        return super().forward(z.transpose(1, 2)).transpose(1, 2)
+        # Indexed, not super().forward(): TorchScript compiles neither super() nor Sequential.forward here.
+        return self[1](self[0](z.transpose(1, 2))).transpose(1, 2)
 
 
 class TokenExpander(nn.Sequential):

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from eexit.errors import EexitTypeError, EexitValueError
@@ -40,6 +41,8 @@ class TrunkSpec:
         body_layout: ``"cnn_body"`` (stages as ``cnn_body.block1..4``, RegNet) or ``"cnn_body_stage"``
             (stages as ``cnn_body_stage1..4``, ResNet and MobileNet), as in the released checkpoints.
         min_input_size: Smallest input side the trunk takes: its total stride.
+        stage_reductions: Total stride of each stage's output map (timm's ``feature_info`` reductions).
+        default_input_size: Side of the images the trunk is meant for (``pretrained_cfg["input_size"]``).
     """
 
     stem: nn.Module
@@ -50,6 +53,8 @@ class TrunkSpec:
     head_hidden: int | None = None
     body_layout: str = "cnn_body_stage"
     min_input_size: int = 32
+    stage_reductions: tuple[int, int, int, int] = (4, 8, 16, 32)
+    default_input_size: int = 224
 
 
 def _regnet_y_800mf(num_classes: int, drop_path_rate: float) -> TrunkSpec:
@@ -59,7 +64,12 @@ def _regnet_y_800mf(num_classes: int, drop_path_rate: float) -> TrunkSpec:
     _no_drop_path("regnet_y_800mf", drop_path_rate)
     # The released code builds torchvision's default 1000-way fc whatever num_classes is; here the CNN head
     # follows num_classes (identical for the released 1000-class checkpoint).
-    cnn = regnet_y_800mf(weights=None, num_classes=num_classes)
+    # torchvision computes the stage widths with tensors and reads them back (.tolist()), which a meta device
+    # cannot do: build on the CPU, then move to the device the model is being built on (timm's device=).
+    device = torch.get_default_device()
+    with torch.device("cpu"):
+        cnn = regnet_y_800mf(weights=None, num_classes=num_classes)
+    cnn = cnn.to(device)
     stages = tuple(getattr(cnn.trunk_output, f"block{i}") for i in range(1, 5))
     widths = tuple(stage[0].proj[0].in_channels for stage in stages)  # type: ignore[index]
     return TrunkSpec(
@@ -91,6 +101,7 @@ def _mobilenet_v3_large_075(num_classes: int, drop_path_rate: float) -> TrunkSpe
         out_channels=cnn.classifier[0].in_features,
         classifier=cnn.classifier,
         head_hidden=hidden,
+        stage_reductions=(8, 16, 32, 32),  # the stem ends at stride 4, stage 4 keeps stride 32
     )
 
 
@@ -205,6 +216,8 @@ def _tiny(num_classes: int, drop_path_rate: float) -> TrunkSpec:
         out_channels=64,
         classifier=nn.Linear(64, num_classes),
         min_input_size=16,
+        stage_reductions=(2, 4, 8, 16),
+        default_input_size=32,
     )
 
 
@@ -329,8 +342,11 @@ def with_overrides(config: DynPerceiverConfig, overrides: dict[str, Any]) -> Dyn
     known = {f.name for f in fields(DynPerceiverConfig)}
     unknown = sorted(set(overrides) - known)
     if unknown:
+        # Python's own wording for an unknown keyword (what timm's models raise), then what is accepted.
+        names = ", ".join(repr(k) for k in unknown)
         raise EexitTypeError(
-            f"Unknown DynPerceiver option(s) {unknown}; known options: {sorted(known)} "
-            f"(and the released spellings {sorted(_ALIASES)})."
+            f"DynPerceiver() got unexpected keyword argument(s) {names}. Valid options: {sorted(known)}, the "
+            f"released spellings {sorted(_ALIASES)}, and timm's in_chans, num_classes, global_pool, device, "
+            "dtype. Check the spelling, or drop the option."
         )
     return replace(config, **overrides)
