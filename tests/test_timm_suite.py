@@ -45,7 +45,7 @@ ANCHOR = "NUM_NON_STD = len(NON_STD_FILTERS)"
 
 # Makes ``import eexit`` register the models before timm's file builds its parameter lists, and keeps only
 # the tests of eexit's models (every other timm model is deselected, not run).
-CONFTEST = '''
+CONFTEST = """
 import eexit  # noqa: F401  (registers eexit's models with timm)
 import eexit.models.dynamic_perceiver  # noqa: F401
 import eexit.models.t2t_vit  # noqa: F401
@@ -60,7 +60,7 @@ def pytest_collection_modifyitems(config, items):
         (keep if name in EEXIT_MODELS else drop).append(item)
     items[:] = keep
     config.hook.pytest_deselected(items=drop)
-'''
+"""
 
 # Every eexit model must meet at least these tests (a guard against a filter that silently selects nothing).
 MUST_RUN = (
@@ -101,8 +101,8 @@ def timm_test_file() -> Path:
         except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as err:
             detail = getattr(err, "stderr", "") or str(err)
             pytest.skip(
-                f"could not download the timm {timm.__version__} sdist from PyPI for its test file ({detail.strip()[-300:]}); "
-                "set EEXIT_TIMM_TESTS=/path/to/timm/tests/test_models.py"
+                f"could not download the timm {timm.__version__} sdist from PyPI for its test file "
+                f"({detail.strip()[-300:]}); set EEXIT_TIMM_TESTS=/path/to/timm/tests/test_models.py"
             )
         (sdist,) = Path(tmp).glob("timm-*.tar.gz")
         with tarfile.open(sdist) as tar:
