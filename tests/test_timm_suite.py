@@ -143,6 +143,21 @@ def _results(junit: Path) -> dict[str, str]:
     return out
 
 
+def _test_and_model(test_id: str) -> tuple[str, str]:
+    """``"test_model_forward[1-t2t_vit_7]"`` -> ``("test_model_forward", "t2t_vit_7")`` (timm's names have no "-")."""
+    test, _, params = test_id.partition("[")
+    names = [p for p in params.rstrip("]").split("-") if p and not p.isdigit()]
+    return test, names[-1] if names else ""
+
+
+def test_test_ids_are_read_as_test_and_model():
+    assert _test_and_model("test_model_forward[1-t2t_vit_7]") == ("test_model_forward", "t2t_vit_7")
+    assert _test_and_model("test_prune_intermediate_layers_contract[dyn_perceiver_tiny]") == (
+        "test_prune_intermediate_layers_contract",
+        "dyn_perceiver_tiny",
+    )
+
+
 def test_timm_model_suite_passes_on_eexit_models(tmp_path):
     suite = prepared_suite(timm_test_file(), tmp_path)
     junit = tmp_path / "junit.xml"
@@ -160,8 +175,8 @@ def test_timm_model_suite_passes_on_eexit_models(tmp_path):
     import eexit.models.t2t_vit as t2t
 
     models = sorted(set(t2t.__all__) & set(timm.list_models()) | set(dp.__all__) & set(timm.list_models()))
-    ran = {name for name, status in results.items() if status == "passed"}
-    missing = [f"{test}[{m}" for m in models for test in MUST_RUN if not any(r.startswith(f"{test}[{m}-") for r in ran)]
+    ran = {_test_and_model(name) for name, status in results.items() if status == "passed"}
+    missing = [f"{test}[{m}]" for m in models for test in MUST_RUN if (test, m) not in ran]
     assert not missing, f"timm tests that did not run (or were skipped) on eexit's models: {missing}"
 
 
