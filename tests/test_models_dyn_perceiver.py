@@ -428,10 +428,19 @@ def test_reset_classifier_rebuilds_every_exit_on_the_models_device_dtype_and_mod
     assert all(p.device.type == "meta" for p in mobile.parameters())
 
 
-def test_reset_classifier_zero_keeps_a_frozen_model_frozen() -> None:
-    model = _tiny().requires_grad_(False)
-    model.reset_classifier(0)
-    assert not any(p.requires_grad for p in model.parameters())
+def test_headless_and_pruned_models_return_features_in_training_mode() -> None:
+    x = torch.randn(2, 3, 32, 32)
+    headless = _tiny()
+    headless.reset_classifier(0)
+    out = headless.train()(x)  # not the four exits: there is no final classifier to train
+    assert isinstance(out, torch.Tensor) and out.shape == (2, headless.head_hidden_size)
+    pruned = _tiny()
+    pruned.prune_intermediate_layers([1])
+    out = pruned.train()(x)
+    assert isinstance(out, torch.Tensor) and out.ndim == 2
+    frozen = _tiny().requires_grad_(False)
+    frozen.reset_classifier(0)
+    assert not any(p.requires_grad for p in frozen.parameters())
 
 
 @pytest.mark.parametrize("name", TIMM_NAMES)

@@ -33,8 +33,6 @@ import pytest
 
 timm = pytest.importorskip("timm")
 
-pytestmark = pytest.mark.slow
-
 # Added to timm's filter lists, right before ``NUM_NON_STD = len(NON_STD_FILTERS)``.
 FILTER_ADDITIONS = """
 # --- added by eexit's tests/test_timm_suite.py: eexit's models, in the groups of comparable timm models ---
@@ -47,10 +45,9 @@ ANCHOR = "NUM_NON_STD = len(NON_STD_FILTERS)"
 # the tests of eexit's models (every other timm model is deselected, not run).
 CONFTEST = """
 import eexit  # noqa: F401  (registers eexit's models with timm)
-import eexit.models.dynamic_perceiver  # noqa: F401
-import eexit.models.t2t_vit  # noqa: F401
+import timm
 
-EEXIT_MODELS = set(eexit.models.t2t_vit.__all__) | set(eexit.models.dynamic_perceiver.__all__)
+EEXIT_MODELS = set(timm.list_models(module=["t2t_vit", "dynamic_perceiver"]))
 
 
 def pytest_collection_modifyitems(config, items):
@@ -158,6 +155,7 @@ def test_test_ids_are_read_as_test_and_model():
     )
 
 
+@pytest.mark.slow
 def test_timm_model_suite_passes_on_eexit_models(tmp_path):
     suite = prepared_suite(timm_test_file(), tmp_path)
     junit = tmp_path / "junit.xml"
@@ -171,15 +169,16 @@ def test_timm_model_suite_passes_on_eexit_models(tmp_path):
     assert proc.returncode == 0 and not failed, (
         f"timm's tests fail on eexit's models ({len(failed)}): {failed}\n{proc.stdout[-6000:]}\n{proc.stderr[-2000:]}"
     )
-    import eexit.models.dynamic_perceiver as dp
-    import eexit.models.t2t_vit as t2t
+    import eexit  # noqa: F401  (registers eexit's models with timm)
 
-    models = sorted(set(t2t.__all__) & set(timm.list_models()) | set(dp.__all__) & set(timm.list_models()))
+    models = timm.list_models(module=["t2t_vit", "dynamic_perceiver"])
+    assert len(models) == 12, models  # 7 T2T-ViTs, 5 Dynamic Perceivers
     ran = {_test_and_model(name) for name, status in results.items() if status == "passed"}
     missing = [f"{test}[{m}]" for m in models for test in MUST_RUN if (test, m) not in ran]
     assert not missing, f"timm tests that did not run (or were skipped) on eexit's models: {missing}"
 
 
+@pytest.mark.slow  # may download timm's sdist
 def test_filters_apply_to_timm_file_layout(tmp_path):
     """The anchor exists and the additions land before the lists are read (fast; uses the cached file if any)."""
     source = timm_test_file()

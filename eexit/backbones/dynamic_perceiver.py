@@ -18,8 +18,9 @@ As in the JEI-DNN authors' Dyn-Perceiver experiment (Regol et al., ICLR 2024; ``
 
 The four stages follow the paper's inference order (Fig. 6): stem ... SA3 -> exit 1; CNN stage 3, z2x4/x2z4,
 SA4 -> exit 2; CNN stage 4 -> exit 3; last z2x -> exit 4. They run the model's own stage methods (``_trunk1`` ...
-``_trunk4``, which its ``forward`` and :meth:`~eexit.models.dynamic_perceiver.DynPerceiver.forward_stages` run
-too; a test checks that they reproduce the model's outputs bit for bit), and the state is shrunk with the model's
+``_trunk4``, which :meth:`~eexit.models.dynamic_perceiver.DynPerceiver.forward_exits` and ``forward_stages`` run
+too, and which share their step methods with ``forward``; a test checks that they reproduce the model's outputs
+bit for bit), and the state is shrunk with the model's
 own ``shrink``. The bare backbone's forward (the cost table's reference) is ``forward_exits``, all four exits as
 released; the model's own ``forward`` returns the merged logits in eval mode, as a timm classifier does.
 """

@@ -14,8 +14,11 @@ plus the CNN's own head and a final merged head (Sec. 3.3, Fig. 6). Four exits, 
 The model is a timm classifier: ``model(x)`` in eval mode returns the merged logits ``y_merge`` [B, K];
 :meth:`DynPerceiver.forward_exits` returns all four exits ``(y_early3, y_att, y_cnn, y_merge)`` (what the
 released forward returns). In training mode ``model(x)`` returns the four exits too, since the released
-training puts a loss on every exit (timm's distilled DeiT / LeViT do the same with ``set_distilled_training``);
-``model.set_exits_training(False)`` makes it return the merged logits in training as well.
+training puts a loss on every exit (as timm's distilled DeiT / LeViT do after ``set_distilled_training(True)``;
+here it is the default, because timm's backward test requires a gradient for every parameter and
+``classifier_cnn`` feeds no other exit). ``model.set_exits_training(False)`` makes it return the merged logits
+in training as well, e.g. for timm's ``train.py`` (then ``classifier_cnn`` gets no gradient: under DDP use
+``find_unused_parameters=True`` or freeze it).
 
 timm's model API: ``forward_features(x)`` is what the merged head reads, the list ``[final map [B, C, H, W],
 latent [B, N, C4], y_att [B, K]]``; ``forward_head(features, pre_logits=False)`` the merged logits, or with
@@ -23,7 +26,8 @@ latent [B, N, C4], y_att [B, K]]``; ``forward_head(features, pre_logits=False)``
 ``reset_classifier`` / ``get_classifier``; ``forward_intermediates`` / ``prune_intermediate_layers`` /
 ``features_only=True`` over the CNN maps after each of the four stages (and the z2x cross-attention that
 follows it); the ``device=`` / ``dtype=`` factory arguments; TorchScript and torch.fx. The forward is plain
-tensor code, the same step methods that the staged API below runs, so the two cannot drift.
+tensor code over the same step methods that the staged API below runs (in two orderings: the forward's and
+the stages'; tests check that their outputs are equal).
 
 For real early exit, :meth:`DynPerceiver.forward_stages` exposes the forward as four stages, one per exit,
 over a :class:`DynPerceiverState`; :meth:`DynPerceiver.shrink` drops the samples that have left. Attribute
@@ -275,9 +279,10 @@ class DynPerceiver(nn.Module):
 
         In training mode (with ``exits_training``, the default) the four exits
         ``(y_early3, y_att, y_cnn, y_merge)`` of :meth:`forward_exits`, for a loss on every exit as released.
-        A scripted model (TorchScript) always returns the merged logits.
+        A scripted model (TorchScript) always returns the merged logits; a model without a final classifier
+        (``num_classes=0``, or pruned) returns the ``pre_logits`` vector in training too.
         """
-        if self.training and self.exits_training and not torch.jit.is_scripting():
+        if self.training and self.exits_training and self.num_classes > 0 and not torch.jit.is_scripting():
             return self.forward_exits(x)
         return self.forward_head(self.forward_features(x))
 
@@ -334,7 +339,11 @@ class DynPerceiver(nn.Module):
 
     @torch.jit.ignore
     def set_exits_training(self, enable: bool = True) -> None:
-        """Whether ``model(x)`` in training mode returns all four exits (default) or the merged logits only."""
+        """Whether ``model(x)`` in training mode returns all four exits (default) or the merged logits only.
+
+        With ``False``, ``classifier_cnn`` (and without isc links also the latent exits) gets no gradient from
+        ``model(x)``: under DistributedDataParallel pass ``find_unused_parameters=True`` or freeze them.
+        """
         self.exits_training = enable
 
     @torch.jit.ignore

@@ -35,10 +35,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from timm.layers import trunc_normal_
 from timm.models import (
     build_model_with_cfg,
-    checkpoint,
     checkpoint_seq,
     generate_default_cfgs,
     register_model,
@@ -268,7 +268,7 @@ class T2TViT(nn.Module):
         blocks = self.blocks if torch.jit.is_scripting() or not stop_early else self.blocks[: max_index + 1]
         for i, blk in enumerate(blocks):
             if self.grad_checkpointing and not torch.jit.is_scripting():
-                x = checkpoint(blk, x)
+                x = torch.utils.checkpoint.checkpoint(blk, x, use_reentrant=False)
             else:
                 x = blk(x)
             if i in take_indices:
