@@ -54,6 +54,7 @@ from torch import Tensor, nn
 
 from eexit.errors import EexitTypeError, EexitValueError
 from eexit.models._checkpoint import load_checkpoint_file, load_into
+from eexit.models._indices import feature_indices
 from eexit.models._perceiver_layers import (
     CrossAttentionLayer,
     SelfAttentionBlock,
@@ -424,7 +425,7 @@ class DynPerceiver(nn.Module):
         """
         if output_fmt not in ("NCHW", "NHWC"):
             raise EexitValueError(f"output_fmt must be 'NCHW' or 'NHWC'; got {output_fmt!r}.")
-        take_indices, max_index = _take_indices(len(self.feature_info), indices)
+        take_indices, max_index = self._feature_indices(indices)
         last = max_index if stop_early or intermediates_only else len(self.feature_info) - 1
         batch_stats = self._needs_batch_stats() and last == len(self.feature_info) - 1  # the exits run
         check_dyn_perceiver_images(x, self.min_input_size, batch_stats, self.config.trunk)
@@ -445,7 +446,7 @@ class DynPerceiver(nn.Module):
         exit, the isc links and the merged head: ``forward_features`` returns ``[final map, latent]`` and
         ``forward`` their pooled concatenation). ``prune_norm`` does nothing (there is no final norm).
         """
-        take_indices, max_index = _take_indices(len(self.feature_info), indices)
+        take_indices, max_index = self._feature_indices(indices)
         for i in range(max_index + 1, len(self.feature_info)):
             self._remove_stage(i)
         if max_index < len(self.feature_info) - 1 or prune_head:
@@ -457,6 +458,10 @@ class DynPerceiver(nn.Module):
             )
         self.feature_info = self.feature_info[: max_index + 1]
         return take_indices
+
+    def _feature_indices(self, indices: int | list[int] | tuple[int, ...] | None) -> tuple[list[int], int]:
+        count = len(self.feature_info)
+        return feature_indices(count, indices, f"this Dynamic Perceiver has {count} feature maps (one per CNN stage)")
 
     def _remove_stage(self, i: int) -> None:
         """Remove what runs only for feature ``i`` (1-3): its CNN stage, x2z, self-attention and z2x."""
@@ -728,32 +733,6 @@ def check_dyn_perceiver_images(images: Tensor, min_size: int, batch_stats: bool,
             "DynPerceiver in training mode needs a batch of at least 2 samples (the BatchNorm1d layers of the "
             "isc links and merged head cannot normalise one), got 1. Use a larger batch or model.eval()."
         )
-
-
-def _take_indices(num_features: int, indices: int | list[int] | tuple[int, ...] | None) -> tuple[list[int], int]:
-    """timm's ``feature_take_indices`` (and its wording), with an error that says what to ask for instead."""
-    if indices is None:
-        indices = num_features
-    if isinstance(indices, int):
-        if not 0 < indices <= num_features:
-            raise EexitValueError(
-                f"last-n ({indices}) is out of range (1 to {num_features}): this Dynamic Perceiver has "
-                f"{num_features} feature maps (one per CNN stage). Ask for 1 to {num_features} of the last ones, "
-                "or pass a list of indices."
-            )
-        take = [num_features - indices + i for i in range(indices)]
-    else:
-        take = []
-        for i in indices:
-            idx = num_features + i if i < 0 else i
-            if not 0 <= idx < num_features:
-                raise EexitValueError(
-                    f"feature index {idx} is out of range (0 to {num_features - 1}): this Dynamic Perceiver has "
-                    f"{num_features} feature maps (one per CNN stage). Use out_indices / indices between "
-                    f"{-num_features} and {num_features - 1}."
-                )
-            take.append(idx)
-    return take, max(take)
 
 
 def _check_pool(global_pool: str | None) -> None:

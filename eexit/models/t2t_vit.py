@@ -48,6 +48,7 @@ from torch import nn
 
 from eexit.errors import EexitValueError
 from eexit.models._checkpoint import CheckpointError, load_checkpoint_file, load_into
+from eexit.models._indices import feature_indices
 from eexit.models._t2t_layers import TOTAL_STRIDE, Block, T2TModule, sinusoid_table
 
 __all__ = ["T2TViT", "checkpoint_filter_fn", "load_official_t2t_checkpoint"]
@@ -262,7 +263,9 @@ class T2TViT(nn.Module):
         """
         if output_fmt not in ("NCHW", "NLC"):
             raise EexitValueError(f"Output format must be one of NCHW or NLC; got output_fmt={output_fmt!r}.")
-        take_indices, max_index = _take_indices(len(self.blocks), indices)
+        take_indices, max_index = feature_indices(
+            len(self.blocks), indices, f"this T2T-ViT has {len(self.blocks)} blocks"
+        )
         intermediates: list[torch.Tensor] = []
         x = self._embed(x)
         blocks = self.blocks if torch.jit.is_scripting() or not stop_early else self.blocks[: max_index + 1]
@@ -292,7 +295,9 @@ class T2TViT(nn.Module):
         This is what ``features_only=True`` does (timm's ``FeatureGetterNet``): the model keeps only what its
         features need.
         """
-        take_indices, max_index = _take_indices(len(self.blocks), indices)
+        take_indices, max_index = feature_indices(
+            len(self.blocks), indices, f"this T2T-ViT has {len(self.blocks)} blocks"
+        )
         self.blocks = self.blocks[: max_index + 1]
         self.feature_info = self.feature_info[: max_index + 1]
         if prune_norm:
@@ -323,30 +328,6 @@ def check_images(x: torch.Tensor, in_chans: int, img_size: int) -> None:
             f"fixed at construction); got {tuple(x.shape)}. Resize the inputs to {img_size} px, or build the "
             f"model with img_size=<your side> (a multiple of {TOTAL_STRIDE})."
         )
-
-
-def _take_indices(num_blocks: int, indices: int | list[int] | None) -> tuple[list[int], int]:
-    """timm's ``feature_take_indices``, with an error that says what the model has instead of an assert."""
-    if indices is None:
-        indices = num_blocks
-    if isinstance(indices, int):
-        if not 0 < indices <= num_blocks:
-            raise EexitValueError(
-                f"last-n ({indices}) is out of range (1 to {num_blocks}): this T2T-ViT has {num_blocks} blocks. "
-                f"Ask for 1 to {num_blocks} of the last blocks, or pass a list of block indices."
-            )
-        take = [num_blocks - indices + i for i in range(indices)]
-    else:
-        take = []
-        for i in indices:
-            idx = num_blocks + i if i < 0 else i
-            if not 0 <= idx < num_blocks:
-                raise EexitValueError(
-                    f"feature index {idx} is out of range (0 to {num_blocks - 1}): this T2T-ViT has {num_blocks} "
-                    f"blocks. Use out_indices / indices between {-num_blocks} and {num_blocks - 1}."
-                )
-            take.append(idx)
-    return take, max(take)
 
 
 def _check_pool(global_pool: str) -> None:
